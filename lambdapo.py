@@ -1,0 +1,215 @@
+"""LamPO: Lambda-Style Policy Optimization — the advantage and the loss, as equations in code.
+
+Paper: "LamPO / LambdaPO: Lambda-Style Policy Optimization" (arXiv 2605.21235 / 2605.19416, withdrawn,
+no public code). Our exact formulas are fixed in DESIGN.md §1; this file is pure tensor code (no model).
+
+GRPO (Shao et al. 2024, arXiv 2402.03300) gives each of the G completions of a prompt the scalar
+advantage (r_i − mean r) / std r. LamPO keeps GRPO's critic-free, PPO-clipped update and replaces that
+baseline by a *Pairwise Decomposed Advantage*, each pair weighted as in LambdaRank (Burges 2010):
+
+    ℓ_i  = (1/|o_i|) Σ_t log π_old(o_i,t | q, o_i,<t)          sequence score under the sampling policy
+    s_ij = sign(r_i − r_j)
+    w_ij = 2 · σ( −s_ij · (ℓ_i − ℓ_j) / τ )                    confidence-aware weight, w_ij = w_ji ∈ (0, 2)
+    A_i  = 1/(G−1) · Σ_{j≠i} (r_i − r_j) · w_ij                 Pairwise Decomposed Advantage
+
+A pair the policy already orders correctly (the better completion has the higher score ℓ) gets w → 0:
+it has little left to teach. A pair it orders wrongly gets w → 2. With τ → ∞ every w_ij = 1 and
+A_i = r_i − mean_{j≠i} r_j, which is exactly RLOO (Ahmadian et al. 2024).
+
+The update is GRPO/PPO's clipped surrogate per completion token t, ρ_t = exp(log π_θ − log π_old):
+
+    L_t  = −min(ρ_t A_i, clip(ρ_t, 1 − ε_low, 1 + ε_high) A_i) + β · KL_t
+    KL_t = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1        (k3 estimator, only when β > 0)
+
+aggregated over real completion tokens ("token-mean", DAPO), per sequence ("seq-mean", GRPO) or over a
+fixed budget ("fixed-length", Dr. GRPO). Shapes: rewards, seq_logps (num_prompts, G);
+logps, old_logps, ref_logps, mask (B, T) with B = num_prompts · G and groups contiguous; advantages (B,).
+"""
+
+import torch
+
+AGGREGATIONS = ("token-mean", "seq-mean", "fixed-length")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------------
+def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's group-relative advantage: (r_i − mean r) / (std r + eps), std unbiased (as TRL and verl).
+
+    `scale_by_std=False` is Dr. GRPO (Liu et al. 2025, arXiv 2503.20783), which drops the std division
+    because it over-weights groups that are almost all right or all wrong.
+
+    >>> grpo_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), scale_by_std=False)
+    tensor([[ 0.5000, -0.5000, -0.5000,  0.5000]])
+    """
+    rewards = rewards.float()                                             # (num_prompts, G)
+    centred = rewards - rewards.mean(dim=1, keepdim=True)                 # (num_prompts, G)
+    if not scale_by_std:
+        return centred
+    return centred / (rewards.std(dim=1, keepdim=True) + eps)             # unbiased std (G − 1)
+
+
+def confidence_weights(rewards: torch.Tensor, seq_logps: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """LambdaRank-style pair weights w_ij = 2 σ(−sign(r_i − r_j) (ℓ_i − ℓ_j) / τ), shape (num_prompts, G, G).
+
+    Worked example (one group, G = 2): completion 0 is right (r = 1) but the policy scores it lower
+    (ℓ_0 = −2 < ℓ_1 = −1): a wrongly ordered pair, so w_01 = 2σ(1) ≈ 1.46 > 1.
+
+    >>> confidence_weights(torch.tensor([[1.0, 0.0]]), torch.tensor([[-2.0, -1.0]]))
+    tensor([[[1.0000, 1.4621],
+             [1.4621, 1.0000]]])
+
+    Ties (r_i = r_j, the diagonal included) have s_ij = 0 and w_ij = 1; they carry no reward gap anyway.
+    τ = inf returns all ones (RLOO). ℓ is detached: the weights are constants of the loss (DESIGN.md §1).
+    """
+    rewards = rewards.float()
+    if tau == float("inf"):
+        return torch.ones(*rewards.shape, rewards.shape[-1], dtype=rewards.dtype, device=rewards.device)
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0 (or inf for RLOO), got {tau}")
+    seq_logps = seq_logps.detach().float()
+    sign = torch.sign(rewards[:, :, None] - rewards[:, None, :])          # s_ij         (num_prompts, G, G)
+    score_gap = seq_logps[:, :, None] - seq_logps[:, None, :]             # ℓ_i − ℓ_j    (num_prompts, G, G)
+    return 2.0 * torch.sigmoid(-sign * score_gap / tau)                   # w_ij ∈ (0, 2), symmetric
+
+
+def pairwise_advantages(rewards: torch.Tensor, seq_logps: torch.Tensor, tau: float = 1.0,
+                        scale_by_std: bool = False) -> torch.Tensor:
+    """LamPO's Pairwise Decomposed Advantage A_i = 1/(G−1) Σ_{j≠i} (r_i − r_j) w_ij, shape (num_prompts, G).
+
+    Σ_i A_i = 0 in every group, because (r_i − r_j) w_ij is antisymmetric in (i, j); all-equal rewards
+    give exactly 0. With tau = inf it is RLOO:
+
+    >>> pairwise_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), torch.zeros(1, 4), tau=float("inf"))
+    tensor([[ 0.6667, -0.6667, -0.6667,  0.6667]])
+
+    `scale_by_std` (off by default, DESIGN.md §1) divides each group's advantages by its reward std, as
+    GRPO does; a zero-std group stays at zero.
+    """
+    rewards = rewards.float()                                             # (num_prompts, G)
+    G = rewards.shape[1]
+    if G < 2:
+        raise ValueError(f"pairwise advantages need at least 2 completions per prompt, got G={G}")
+    reward_gaps = rewards[:, :, None] - rewards[:, None, :]               # r_i − r_j (num_prompts, G, G); 0 on i = j
+    weights = confidence_weights(rewards, seq_logps, tau)                 # w_ij      (num_prompts, G, G)
+    advantages = (reward_gaps * weights).sum(dim=2) / (G - 1)             # (num_prompts, G)
+    if scale_by_std:
+        std = rewards.std(dim=1, keepdim=True)
+        advantages = torch.where(std > 0, advantages / std.clamp_min(1e-6), torch.zeros_like(advantages))
+    return advantages
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO: A_i = r_i − mean_{j≠i} r_j, i.e. LamPO with τ = ∞ (every pair weight is 1)."""
+    return pairwise_advantages(rewards, torch.zeros_like(rewards, dtype=torch.float), tau=float("inf"))
+
+
+def sequence_scores(logps: torch.Tensor, mask: torch.Tensor, normalize: str = "mean") -> torch.Tensor:
+    """ℓ_i: a completion's log-probability, length-normalised ("mean", default) or summed ("sum"). (B,)
+
+    Length normalisation keeps a long completion from looking "unlikely" just for being long.
+    """
+    mask = mask.to(logps.dtype)
+    total = (logps * mask).sum(dim=-1)                                    # (B,)
+    if normalize == "sum":
+        return total
+    if normalize != "mean":
+        raise ValueError(f"normalize must be 'mean' or 'sum', got {normalize!r}")
+    return total / mask.sum(dim=-1).clamp_min(1.0)
+
+
+def compute_advantages(algo: str, rewards: torch.Tensor, seq_logps: torch.Tensor | None = None,
+                       tau: float = 1.0, scale_by_std: bool | None = None) -> torch.Tensor:
+    """One switch for `--algo`: lampo | grpo | dr_grpo | rloo. Returns (num_prompts · G,), groups contiguous.
+
+    `scale_by_std=None` means each algorithm's documented default: GRPO scales, the others do not.
+    """
+    if algo == "lampo":
+        advantages = pairwise_advantages(rewards, seq_logps, tau=tau, scale_by_std=bool(scale_by_std))
+    elif algo == "grpo":
+        advantages = grpo_advantages(rewards, scale_by_std=True if scale_by_std is None else scale_by_std)
+    elif algo == "dr_grpo":
+        advantages = grpo_advantages(rewards, scale_by_std=bool(scale_by_std))
+    elif algo == "rloo":
+        advantages = rloo_advantages(rewards)
+    else:
+        raise ValueError(f"unknown algo {algo!r}; choose one of lampo, grpo, dr_grpo, rloo")
+    return advantages.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The clipped policy loss
+# ---------------------------------------------------------------------------------------------------
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "token-mean") -> torch.Tensor:
+    """Reduce a (B, T) per-token quantity to a scalar over the real tokens (mask = 1), DESIGN.md §1."""
+    mask = mask.to(per_token.dtype)
+    if aggregation == "token-mean":                                       # DAPO: every token counts the same
+        return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+    if aggregation == "seq-mean":                                         # GRPO: every sequence counts the same
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)).mean()
+    if aggregation == "fixed-length":                                     # Dr. GRPO: a constant denominator B·T
+        return (per_token * mask).sum() / (mask.shape[0] * mask.shape[1])
+    raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+
+
+def micro_batch_scale(micro_mask: torch.Tensor, full_mask: torch.Tensor, aggregation: str) -> float:
+    """Factor that turns a micro-batch's aggregated loss into its share of the *whole* batch's loss.
+
+    Gradient accumulation must not depend on how a batch is split: averaging micro-batch token-means
+    would give the tokens of a short micro-batch more weight. With this factor,
+    Σ_micro scale · aggregate(micro) == aggregate(full) exactly, for every aggregation (tested).
+    Both masks share the same padded length T (micro-batches are row slices of the full batch).
+    """
+    if aggregation == "token-mean":
+        return float(micro_mask.sum().clamp_min(1.0) / full_mask.sum().clamp_min(1.0))
+    if aggregation in ("seq-mean", "fixed-length"):
+        return micro_mask.shape[0] / full_mask.shape[0]
+    raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+
+
+def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
+                        ref_logps: torch.Tensor | None = None, beta: float = 0.0,
+                        aggregation: str = "token-mean") -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO/GRPO clipped surrogate with an optional k3 KL penalty, aggregated over masked tokens.
+
+    logps (B, T) carry gradient; old_logps, ref_logps (B, T) and advantages (B,) do not. Worked example:
+    one token, A = 1, ρ = e^0.5 ≈ 1.65 > 1 + ε: the clipped branch is the min, so the loss is −1.2 and
+    the token counts as clipped (its gradient is zero).
+
+    >>> loss, stats = clipped_policy_loss(torch.tensor([[0.5]]), torch.tensor([[0.0]]),
+    ...                                   torch.tensor([1.0]), torch.tensor([[1]]))
+    >>> round(loss.item(), 4), stats["clip_fraction"]
+    (-1.2, 1.0)
+
+    Returns (loss, stats) with stats["clip_fraction"] (share of real tokens whose clipped branch is
+    active, i.e. whose gradient the clip removed), stats["policy_kl"] (k3 KL of π_θ from π_old) and,
+    when β > 0, stats["kl"] (k3 KL from π_ref).
+    """
+    mask = mask.to(logps.dtype)
+    old_logps = old_logps.detach()
+    advantages = advantages.detach().to(logps.dtype)[:, None]             # (B, 1), broadcast over tokens
+    log_ratio = logps - old_logps                                         # (B, T)
+    ratio = torch.exp(log_ratio)                                          # ρ_t
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
+    per_token = -torch.min(unclipped, clipped)                            # (B, T)
+
+    stats: dict[str, float] = {}
+    if beta > 0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs ref_logps")
+        ref_log_ratio = ref_logps.detach() - logps                        # log π_ref − log π_θ
+        kl = torch.exp(ref_log_ratio) - ref_log_ratio - 1.0               # k3 ≥ 0 (Schulman 2020)
+        per_token = per_token + beta * kl
+        stats["kl"] = aggregate(kl.detach(), mask, "token-mean").item()
+
+    loss = aggregate(per_token, mask, aggregation)
+
+    with torch.no_grad():
+        # The clip is active where the clipped term is strictly the smaller one (then d loss/d θ = 0).
+        is_clipped = (clipped < unclipped).to(mask.dtype)
+        stats["clip_fraction"] = aggregate(is_clipped, mask, "token-mean").item()
+        stats["policy_kl"] = aggregate(torch.exp(-log_ratio) + log_ratio - 1.0, mask, "token-mean").item()
+    return loss, stats

@@ -1,0 +1,288 @@
+"""Rollout: prompts -> G sampled completions per prompt, their masks, and per-token log-probabilities.
+
+For each prompt q the policy samples a *group* o_1..o_G (GRPO, arXiv 2402.03300 §4.1; LamPO keeps
+this). Groups are contiguous: rows g·G … g·G + G − 1 of every tensor belong to prompt g, so
+`rewards.view(num_prompts, G)` is the group view the advantage functions expect.
+
+Layout of one rollout batch (B = num_prompts · G rows), prompts left-padded so that every completion
+starts at the same column P:
+
+    input_ids       [pad pad q q q | o o o EOS pad]          (B, P + T)
+    attention_mask  [ 0   0  1 1 1 | 1 1 1  1   0 ]          (B, P + T)
+    completion_mask                [ 1 1 1  1   0 ]          (B, T)   real tokens up to and including EOS
+
+The completion mask comes from the position of the *first EOS*, never from pad ids: many tokenizers
+(ours included) use the EOS id as the pad id, and a mask built from `ids != pad_id` would hide the EOS
+itself, so the model would never be rewarded for stopping. A completion with no EOS within
+`max_new_tokens` is *truncated* (`Rollout.truncated`); its mask covers all T tokens.
+
+Per-token log-probs (`token_logprobs`) are computed from logits divided by the sampling temperature:
+those are the probabilities the tokens were actually sampled with, which the PPO ratio must use.
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+# Tokens whose float32 logits exist at once in `token_logprobs` (1024 × 151,936 × 4 bytes ≈ 0.6 GB for Qwen3).
+LOGIT_CHUNK_TOKENS = 1024
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled. temperature = 0 (or do_sample=False) means greedy decoding."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    do_sample: bool = True
+    batch_size: int = 256          # sequences generated at once (memory bound, not a statistical knob)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled completions; row b belongs to prompt b // group_size."""
+    prompt_ids: torch.Tensor        # (B, P)  left-padded
+    prompt_mask: torch.Tensor       # (B, P)
+    completion_ids: torch.Tensor    # (B, T)  anything after the first EOS is padding
+    completion_mask: torch.Tensor   # (B, T)  1 on real tokens up to and including the first EOS
+    truncated: torch.Tensor         # (B,)    bool: no EOS within max_new_tokens
+    completions: list[str]          # B decoded texts (without the EOS)
+    group_size: int
+    prompts: list[str] = field(default_factory=list)   # the num_prompts formatted prompt strings
+
+    @property
+    def input_ids(self) -> torch.Tensor:                # (B, P + T)
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:           # (B, P + T)
+        return torch.cat([self.prompt_mask, self.completion_mask.to(self.prompt_mask.dtype)], dim=1)
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:       # (B,)
+        return self.completion_mask.sum(dim=1)
+
+    def rows(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        """The tensors of a subset of rows (a micro-batch), for token_logprobs and the loss."""
+        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
+                "completion_mask": self.completion_mask[index]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------------
+def format_prompts(tokenizer, prompts: list[str], system_prompt: str | None = None,
+                   chat_template_kwargs: dict | None = None) -> list[str]:
+    """User messages -> model input strings, through the tokenizer's chat template when it has one.
+
+    `chat_template_kwargs` go to the template, e.g. {"enable_thinking": False} for Qwen3.
+    A base model without a template gets the raw text.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return [(system_prompt + "\n\n" if system_prompt else "") + prompt for prompt in prompts]
+    formatted = []
+    for prompt in prompts:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+                   [{"role": "user", "content": prompt}]
+        formatted.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                       **(chat_template_kwargs or {})))
+    return formatted
+
+
+def tokenize_prompts(tokenizer, texts: list[str], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad formatted prompts: every completion then starts at the same column. (B, P) each.
+
+    A chat template already writes its special tokens (BOS included, where the model has one), so
+    `add_special_tokens` is off; raw text (no template) gets the tokenizer's usual specials.
+    """
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=not getattr(tokenizer, "chat_template", None))
+    return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation EOS ids.
+
+    (Qwen3 ends a chat turn with <|im_end|> and a document with <|endoftext|>: both stop.)
+    """
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(source)
+    if not ids:
+        raise ValueError("the tokenizer and the model define no EOS token: completions could never end")
+    return sorted(ids)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------------
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask = 1 on tokens up to and including the first EOS; truncated = no EOS at all.
+
+    Worked example, EOS = pad = 0 (so pad ids cannot tell the EOS from the padding after it):
+
+    >>> mask, truncated = completion_mask_from_eos(torch.tensor([[5, 6, 0, 0], [7, 8, 9, 4]]), [0])
+    >>> mask
+    tensor([[1, 1, 1, 0],
+            [1, 1, 1, 1]])
+    >>> truncated
+    tensor([False,  True])
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # (B, T)
+    T = completion_ids.shape[1]
+    # argmax returns the first maximum: the first EOS. Rows with none get T (everything is real).
+    first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    positions = torch.arange(T, device=completion_ids.device)[None, :]                       # (1, T)
+    mask = (positions <= first_eos[:, None]).long()                                          # (B, T)
+    return mask, ~is_eos.any(dim=1)
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                       truncated: torch.Tensor) -> list[str]:
+    """Text of each completion up to (not including) its EOS."""
+    texts = []
+    for ids, length, cut in zip(completion_ids.tolist(), completion_mask.sum(1).tolist(), truncated.tolist()):
+        texts.append(tokenizer.decode(ids[: length if cut else length - 1], skip_special_tokens=True))
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], group_size: int, sampling: SamplingConfig,
+             chat_template_kwargs: dict | None = None, system_prompt: str | None = None,
+             autocast_dtype: torch.dtype | None = None) -> Rollout:
+    """Sample `group_size` completions for each user prompt with `model.generate` (the plain path).
+
+    Every sampling option is passed explicitly: transformers' GenerationConfig defaults are `None` (or
+    the model's own `generation_config.json`, e.g. Qwen3's top_k=20), and samples must come from
+    exactly the distribution the loss assumes: softmax(logits / temperature), nucleus top_p, no top-k.
+    """
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    formatted = format_prompts(tokenizer, prompts, system_prompt, chat_template_kwargs)
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, formatted, device)                 # (num_prompts, P)
+    prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)                             # (B, P), groups contiguous
+    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    config = GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
+        temperature=None if sampling.greedy else sampling.temperature,
+        top_p=None if sampling.greedy else sampling.top_p, top_k=None if sampling.greedy else 0,
+        pad_token_id=pad_id, eos_token_id=eos_ids, bos_token_id=None)
+
+    was_training = model.training
+    model.eval()
+    chunks = []
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    with autocast:
+        for start in range(0, prompt_ids.shape[0], sampling.batch_size):
+            rows = slice(start, start + sampling.batch_size)
+            output = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
+                                    generation_config=config)
+            chunks.append(output[:, prompt_ids.shape[1]:])
+    model.train(was_training)
+
+    T = max(chunk.shape[1] for chunk in chunks)
+    completion_ids = torch.full((prompt_ids.shape[0], T), pad_id, dtype=torch.long, device=device)
+    start = 0
+    for chunk in chunks:                                  # chunks may stop at different lengths
+        completion_ids[start:start + chunk.shape[0], :chunk.shape[1]] = chunk
+        start += chunk.shape[0]
+    completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)   # nothing after EOS but pad
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                   completion_mask=completion_mask, truncated=truncated,
+                   completions=decode_completions(tokenizer, completion_ids, completion_mask, truncated),
+                   group_size=group_size, prompts=formatted)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-token log-probabilities
+# ---------------------------------------------------------------------------------------------------
+def _logprobs_and_entropy(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
+                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(lm_head(hidden) / temperature)[target] and the entropy, for N tokens. (N,), (N,)"""
+    logits = lm_head(hidden).float() / temperature                      # (N, V) float32, one chunk only
+    log_normalizer = torch.logsumexp(logits, dim=-1)                    # (N,)
+    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - log_normalizer
+    probs = torch.softmax(logits, dim=-1)
+    entropy = log_normalizer - (probs * logits).sum(-1)                 # H = log Z − E_p[logit]
+    return logps, entropy
+
+
+def _backbone_and_head(model):
+    """The transformer body and the output projection, if the model has the usual CausalLM layout.
+
+    Going through them separately lets us apply the (large) vocabulary projection only to completion
+    tokens, a chunk at a time. Models that post-process logits (soft-capping, scaling) use the plain path.
+    """
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None, None
+    backbone = getattr(model, "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or head is None:
+        return None, None
+    return backbone, head
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                   temperature: float = 1.0, micro_batch_size: int | None = None,
+                   return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of every completion token under `model`, with logits / temperature. (B, T)
+
+    input_ids, attention_mask: (B, P + T), prompts left-padded; completion_mask: (B, T). Values where
+    completion_mask = 0 are 0. Differentiable when called with grad enabled (the update's forward).
+    With `return_entropy` also returns the per-token entropy of the same distribution (no gradient).
+
+    The token at position t is predicted by the hidden state at t − 1: states[:, P−1 : P+T−1] score
+    ids[:, P : P+T]. Positions are counted from each row's first real token (left padding must not shift
+    RoPE), exactly as `generate` does. The vocabulary projection runs only on real completion tokens,
+    LOGIT_CHUNK_TOKENS at a time, so no (B, T, V) float32 tensor ever exists; under autograd each chunk is
+    recomputed in the backward pass (activation checkpointing) instead of keeping its float32 logits alive.
+    """
+    B, T = completion_mask.shape
+    micro_batch_size = micro_batch_size or B
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, P + T)
+    backbone, head = _backbone_and_head(model)
+    logps_pieces, entropy_pieces = [], []
+    for start in range(0, B, micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        inputs = dict(input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=position_ids[rows])
+        if backbone is not None:
+            states = backbone(**inputs).last_hidden_state[:, -T - 1:-1]            # (b, T, H)
+            project = head
+        else:   # plain path: the model's own (post-processed) logits, then the same math
+            states = model(**inputs, logits_to_keep=T + 1).logits[:, :-1]          # (b, T, V)
+            project = torch.nn.Identity()
+        mask = completion_mask[rows].bool()                                         # (b, T)
+        states, targets = states[mask], input_ids[rows, -T:][mask]                  # (N, H), (N,): real tokens only
+        flat_logps, flat_entropy = [], []
+        for chunk in range(0, targets.shape[0], LOGIT_CHUNK_TOKENS):
+            piece = slice(chunk, chunk + LOGIT_CHUNK_TOKENS)
+            if torch.is_grad_enabled():
+                chunk_logps, chunk_entropy = checkpoint(_logprobs_and_entropy, states[piece], project,
+                                                        targets[piece], temperature, use_reentrant=False)
+            else:
+                chunk_logps, chunk_entropy = _logprobs_and_entropy(states[piece], project, targets[piece], temperature)
+            flat_logps.append(chunk_logps)
+            flat_entropy.append(chunk_entropy.detach())
+        zeros = torch.zeros(mask.shape, device=input_ids.device)
+        # Scatter the real-token values back into (b, T), out of place so autograd sees every piece.
+        logps_pieces.append(zeros.masked_scatter(mask, torch.cat(flat_logps)) if flat_logps else zeros)
+        entropy_pieces.append(zeros.masked_scatter(mask, torch.cat(flat_entropy)) if flat_entropy else zeros)
+    logps = torch.cat(logps_pieces, dim=0)                                          # (B, T)
+    return (logps, torch.cat(entropy_pieces, dim=0)) if return_entropy else logps

@@ -1,0 +1,498 @@
+"""Train a policy with LamPO (or GRPO, Dr. GRPO, RLOO) on one device: the whole loop in one file.
+
+    python train.py                              # offline demo: tiny model, toy task, CPU, a few minutes
+    python train.py --model Qwen/Qwen3-1.7B      # the real run: one GPU, MATH train, MATH-500 evaluation
+
+Each step, for `prompts_per_step` prompts q and G completions each (lambdapo.py has the equations):
+
+    1. ROLLOUT    o_1..o_G ~ π_old(· | q)                                    rollout.generate
+    2. REWARD     r_i = accuracy(o_i) + α · ROUGE-L-F(o_i, reference)        rewards.reward
+    3. ADVANTAGE  log π_old per token → ℓ_i → A_i = 1/(G−1) Σ_j (r_i − r_j) w_ij (LamPO)
+    4. UPDATE     `epochs` × `mini_batches` AdamW steps on the clipped surrogate, π_old fixed, so the ratio
+                  moves away from 1 after the first step and the clip really acts
+    5. LOG        metrics.jsonl, samples.jsonl, tqdm; evaluation and checkpoints every N steps
+
+Float32 master weights (bf16 autocast on CUDA): pure-bf16 AdamW silently drops updates as small as lr = 1e-6.
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import lambdapo
+import rewards
+from eval import ModelLoadError, OneLineErrorParser, evaluate, load_model
+from rollout import SamplingConfig, generate, token_logprobs
+
+
+# ===================================================================================================
+# CONFIG: one dataclass; every field is a command-line option and its `help` is the documentation.
+# `None` means "the preset's value": the toy demo and a real LLM need very different numbers.
+# ===================================================================================================
+def option(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # what to train
+    model: str = option("toy", "'toy' (tiny offline model, warm-started once and cached), a local "
+                               "save_pretrained folder, or a Hub name such as Qwen/Qwen3-1.7B")
+    dataset: str = option(None, "training set: toy | math | gsm8k | a Hub id | a local .jsonl/.parquet "
+                                "(preset: toy for the toy model, math otherwise)")
+    data_file: str = option(None, "read the training set from this local file (same fields as the Hub copy)")
+    problem_field: str = option(None, "dataset field with the problem text (default: guessed)")
+    answer_field: str = option(None, "dataset field with the final answer (default: guessed)")
+    solution_field: str = option(None, "dataset field with a worked solution for ROUGE-L (default: guessed)")
+    out_dir: str = option("runs/demo", "where config.json, metrics.jsonl, samples.jsonl, initial/, final/ "
+                                       "and checkpoints go")
+    # the algorithm (lambdapo.py)
+    algo: str = option("lampo", "advantage: lampo (pairwise, confidence-weighted) | grpo | dr_grpo | rloo")
+    tau: float = option(1.0, "LamPO temperature τ of the confidence weights; inf gives RLOO")
+    seq_logp: str = option("mean", "LamPO sequence score ℓ_i: mean (length-normalised) or sum of token log-probs")
+    scale_by_std: str = option("auto", "divide advantages by the group reward std: auto (grpo yes, others no) | true | false")
+    clip_low: float = option(0.2, "ε_low: the ratio is clipped below at 1 − ε_low")
+    clip_high: float = option(0.2, "ε_high: the ratio is clipped above at 1 + ε_high (DAPO uses 0.28)")
+    beta: float = option(0.0, "k3 KL penalty weight to the initial policy; > 0 loads a frozen reference copy")
+    aggregation: str = option("token-mean", "loss aggregation: token-mean (DAPO) | seq-mean (GRPO) | fixed-length (Dr. GRPO)")
+    rouge_weight: float = option(0.1, "α in r = accuracy + α·ROUGE-L-F(completion, reference solution); 0 disables")
+    mask_truncated: bool = option(False, "drop completions cut off by max_new_tokens from the loss (DAPO's overlong filter)")
+    # sampling
+    group_size: int = option(8, "G, completions per prompt (≥ 2)")
+    prompts_per_step: int = option(None, "prompts per step (preset: 16 toy, 32 LLM)")
+    max_new_tokens: int = option(None, "completion budget in tokens (preset: 48 toy, 1024 LLM)")
+    temperature: float = option(1.0, "sampling temperature; log-probs use the same temperature")
+    top_p: float = option(1.0, "nucleus sampling; 1.0 samples the full distribution")
+    enable_thinking: bool = option(False, "Qwen3 chat template's thinking mode (graded after </think>)")
+    generation_batch_size: int = option(256, "sequences generated at once (memory only)")
+    # optimisation
+    num_steps: int = option(None, "RL steps, one rollout batch each (preset: 60 toy, 500 LLM)")
+    lr: float = option(None, "peak AdamW learning rate (preset: 1e-3 toy, 1e-6 LLM)")
+    warmup_steps: int = option(None, "linear learning-rate warm-up in RL steps (preset: 10); a fresh AdamW "
+                                     "on a warm-started model needs it")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping by global norm")
+    epochs: int = option(1, "passes over each rollout batch")
+    mini_batches: int = option(None, "optimizer steps per pass (preset: 4 toy, 2 LLM); > 1 lets the clip act")
+    micro_batch_size: int = option(None, "sequences per forward/backward (gradient accumulation; preset: all toy, 8 LLM)")
+    gradient_checkpointing: bool = option(None, "recompute activations in backward to save memory (preset: off toy, on LLM)")
+    # evaluation, logging, checkpoints
+    eval_every: int = option(None, "evaluate every N steps, 0 = only before and after training (preset: 0 toy, 50 LLM)")
+    eval_benchmark: str = option(None, "benchmark for evaluation during training (preset: toy | math500)")
+    eval_limit: int = option(None, "problems per evaluation (preset: 200 toy, 100 LLM)")
+    eval_max_new_tokens: int = option(None, "completion budget for evaluation (preset: max_new_tokens)")
+    save_every: int = option(None, "checkpoint every N steps (preset: 20 toy, 50 LLM)")
+    keep_checkpoints: int = option(2, "how many recent checkpoint-* folders to keep")
+    log_samples: int = option(4, "completions per step written to samples.jsonl")
+    seed: int = option(0, "seed for the data order, sampling and the update's shuffling")
+    device: str = option(None, "cuda | cpu (default: cuda when available)")
+    resume: bool = option(False, "continue from the newest checkpoint in out_dir")
+    overwrite: bool = option(False, "delete an existing run in out_dir and start afresh")
+    trust_remote_code: bool = option(False, "run Python code shipped with a Hub model (off unless you ask)")
+    plot: bool = option(True, "write curves.png at the end (needs matplotlib)")
+
+
+PRESETS = {
+    "toy": dict(dataset="toy", prompts_per_step=16, max_new_tokens=48, num_steps=60, lr=1e-3, warmup_steps=10,
+                mini_batches=4, micro_batch_size=None, gradient_checkpointing=False, eval_every=0,
+                eval_benchmark="toy", eval_limit=200, save_every=20),
+    "llm": dict(dataset="math", prompts_per_step=32, max_new_tokens=1024, num_steps=500, lr=1e-6, warmup_steps=10,
+                mini_batches=2, micro_batch_size=8, gradient_checkpointing=True, eval_every=50,
+                eval_benchmark="math500", eval_limit=100, save_every=50),
+}
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_config(argv=None) -> Config:
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    choices = {"algo": ["lampo", "grpo", "dr_grpo", "rloo"], "aggregation": list(lambdapo.AGGREGATIONS),
+               "seq_logp": ["mean", "sum"], "scale_by_std": ["auto", "true", "false"],
+               "eval_benchmark": list(data.BENCHMARKS)}
+    for item in dataclasses.fields(Config):
+        kind = {"int": int, "float": float, "str": str, "bool": parse_bool}[item.type if isinstance(item.type, str)
+                                                                             else item.type.__name__]
+        default = "" if item.default is None else f" (default: {item.default})"
+        parser.add_argument(f"--{item.name}", type=kind, default=item.default, choices=choices.get(item.name),
+                            metavar=item.type.upper() if isinstance(item.type, str) else item.type.__name__.upper(),
+                            nargs="?" if kind is parse_bool else None, const=True if kind is parse_bool else None,
+                            help=item.metadata["help"] + default)
+    config = Config(**vars(parser.parse_args(argv)))
+    preset = PRESETS["toy" if config.model == "toy" else "llm"]
+    for name, value in preset.items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
+    if config.eval_max_new_tokens is None:
+        config.eval_max_new_tokens = config.max_new_tokens
+    return config
+
+
+class ConfigError(ValueError):
+    """A bad option value or out_dir state; reported in one line."""
+
+
+def check_config(config: Config) -> None:
+    if config.group_size < 2:
+        raise ConfigError(f"--group_size must be at least 2 (group-relative advantages compare completions), got {config.group_size}")
+    for name in ("prompts_per_step", "num_steps", "max_new_tokens", "epochs", "mini_batches"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    if config.prompts_per_step * config.group_size < config.mini_batches:
+        raise ConfigError("--mini_batches is larger than the number of completions per step")
+    if not config.temperature > 0:
+        raise ConfigError("--temperature must be > 0 for training (RL needs sampled completions)")
+    if not config.tau > 0:
+        raise ConfigError("--tau must be > 0 (use inf for RLOO)")
+    out_dir = Path(config.out_dir)
+    has_run = (out_dir / "config.json").exists() or any(out_dir.glob("checkpoint-*"))
+    if has_run and not (config.resume or config.overwrite):
+        raise ConfigError(f"{out_dir} holds another run: pass --resume to continue it, --overwrite to replace it, "
+                          "or choose another --out_dir")
+    if config.resume and config.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+
+
+# ===================================================================================================
+# Checkpoints: Hugging Face folders (save_pretrained) plus the optimizer and RNG state to resume.
+# ===================================================================================================
+def save_checkpoint(out_dir: Path, step: int, policy, tokenizer, optimizer, scheduler, keep: int) -> Path:
+    path = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               tmp / "trainer_state.pt")
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)                          # a checkpoint is either complete or absent
+    for old in sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def save_model(path: Path, policy, tokenizer) -> None:
+    policy.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+# ===================================================================================================
+# Small pieces of the loop
+# ===================================================================================================
+def prompt_batch(records: list[dict], step: int, prompts_per_step: int, seed: int) -> list[dict]:
+    """The records of one step: a seeded shuffle of the dataset per epoch, read in order (stateless,
+    so that --resume continues with exactly the prompts the interrupted run would have seen)."""
+    batch = []
+    for position in range(step * prompts_per_step, (step + 1) * prompts_per_step):
+        epoch, index = divmod(position, len(records))
+        order = list(range(len(records)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        batch.append(records[order[index]])
+    return batch
+
+
+def learning_rate_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up over `warmup_steps` RL steps, then constant."""
+    return min(1.0, (step + 1) / max(warmup_steps, 1))
+
+
+def memory_estimate_gib(policy, config: Config, has_reference: bool) -> dict:
+    """Rough bytes for weights and optimizer: float32 master (4) + grad (4) + AdamW moments (8) per parameter."""
+    params = sum(p.numel() for p in policy.parameters())
+    gib = 2 ** 30
+    estimate = {"parameters": params, "weights+grads+adam_gib": round(params * 16 / gib, 2)}
+    if has_reference:
+        estimate["reference_gib"] = round(params * 2 / gib, 2)
+    return estimate
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "a") as file:
+        for row in rows:
+            file.write(json.dumps(row) + "\n")
+
+
+# ===================================================================================================
+# THE TRAINING LOOP
+# ===================================================================================================
+def train(config: Config) -> dict:
+    check_config(config)
+    out_dir = Path(config.out_dir)
+    if config.overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Float32 master weights everywhere; on CUDA the matmuls run in bf16 under autocast.
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if autocast_dtype else nullcontext()
+    log = tqdm.write
+
+    # --- setup: data, model, reference, optimizer, resume ---------------------------------------------
+    records = data.load_train_dataset(config.dataset, data_file=config.data_file, problem_field=config.problem_field,
+                                      answer_field=config.answer_field, solution_field=config.solution_field,
+                                      seed=config.seed)
+    if not records:
+        raise ConfigError(f"the training set '{config.dataset}' has no usable records")
+    eval_records = data.load_benchmark(config.eval_benchmark, limit=config.eval_limit, seed=config.seed) \
+        if config.eval_benchmark else []
+    checkpoint = latest_checkpoint(out_dir) if config.resume else None
+    if config.resume and checkpoint is None:
+        log(f"--resume: no checkpoint in {out_dir}, starting from the beginning")
+    policy, tokenizer = load_model(str(checkpoint) if checkpoint else config.model, device, torch.float32,
+                                   config.trust_remote_code, log=log)
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.config.use_cache = False
+    reference = None
+    if config.beta > 0:     # frozen copy of the starting policy (bf16 on GPU: it is only ever evaluated)
+        reference = copy.deepcopy(policy).requires_grad_(False).eval()
+        if checkpoint:      # on resume the reference is the *initial* policy, not the checkpoint
+            reference, _ = load_model(str(out_dir / "initial"), device, torch.float32, config.trust_remote_code, log=log)
+            reference.requires_grad_(False).eval()
+        if autocast_dtype:
+            reference.to(autocast_dtype)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config.warmup_steps))
+    start_step = 0
+    if checkpoint:
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start_step = state["step"]
+        for name in ("metrics.jsonl", "samples.jsonl"):   # forget what was logged after the checkpoint
+            path = out_dir / name
+            if path.exists():
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= start_step))
+        log(f"Resuming from {checkpoint} at step {start_step}")
+    else:
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            (out_dir / name).unlink(missing_ok=True)
+        save_model(out_dir / "initial", policy, tokenizer)
+    log(f"Policy: {config.model} on {device}; memory estimate {memory_estimate_gib(policy, config, reference is not None)}")
+
+    sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+                              batch_size=config.generation_batch_size)
+    eval_sampling = SamplingConfig(do_sample=False, max_new_tokens=config.eval_max_new_tokens,
+                                   batch_size=config.generation_batch_size)
+    template_kwargs = {"enable_thinking": config.enable_thinking} if "qwen3" in config.model.lower() or \
+        "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "") else {}
+    scale_by_std = None if config.scale_by_std == "auto" else config.scale_by_std == "true"
+    G = config.group_size
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def run_eval(step: int) -> dict:
+        if not eval_records:
+            return {}
+        summary, _ = evaluate(policy, tokenizer, eval_records, 1, eval_sampling, template_kwargs, autocast_dtype)
+        log(f"step {step}: {config.eval_benchmark} held-out accuracy {summary['accuracy']:.3f} (n={summary['n']}, greedy)")
+        return {"eval/accuracy": summary["accuracy"], "eval/n": summary["n"],
+                "eval/mean_completion_tokens": summary["mean_completion_tokens"]}
+
+    initial_eval = run_eval(start_step) if start_step == 0 else {}
+    if initial_eval:
+        write_jsonl(out_dir / "metrics.jsonl", [{"step": 0, **initial_eval}])
+
+    step = start_step
+    last_saved = start_step
+    progress = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps,
+                    desc="lampo" if config.algo == "lampo" else config.algo, dynamic_ncols=True)
+    try:
+        for step_index in progress:
+            step = step_index + 1                             # steps are counted from 1: checkpoint-N has N updates
+            timings = {}
+            # ======================================================================================
+            # 1. ROLLOUT: G completions per prompt from the current policy (π_old for this step)
+            # ======================================================================================
+            tick = time.time()
+            batch = prompt_batch(records, step_index, config.prompts_per_step, config.seed)
+            rollout = generate(policy, tokenizer, [r["prompt"] for r in batch], G, sampling,
+                               chat_template_kwargs=template_kwargs, autocast_dtype=autocast_dtype)
+            timings["time/rollout"] = time.time() - tick
+
+            # ======================================================================================
+            # 2. REWARD: r = accuracy + α · ROUGE-L(completion, reference solution)
+            # ======================================================================================
+            tick = time.time()
+            scored = [rewards.reward(completion, batch[row // G]["answer"], batch[row // G].get("solution"),
+                                     config.rouge_weight, batch[row // G].get("task", "math"))
+                      for row, completion in enumerate(rollout.completions)]
+            reward_values = torch.tensor([s["reward"] for s in scored]).view(-1, G)     # (num_prompts, G)
+            accuracy = torch.tensor([s["accuracy"] for s in scored])                     # (B,)
+            rouge = torch.tensor([s["rouge"] for s in scored])                           # (B,)
+            timings["time/reward"] = time.time() - tick
+
+            # ======================================================================================
+            # 3. ADVANTAGE: old log-probs (fixed for the whole update), sequence scores, A_i
+            # ======================================================================================
+            tick = time.time()
+            input_ids, attention_mask = rollout.input_ids, rollout.attention_mask         # (B, P + T)
+            completion_mask = rollout.completion_mask                                     # (B, T)
+            with torch.no_grad(), autocast():
+                old_logps, entropy = token_logprobs(policy, input_ids, attention_mask, completion_mask,
+                                                    config.temperature, config.micro_batch_size, return_entropy=True)
+                ref_logps = token_logprobs(reference, input_ids, attention_mask, completion_mask, config.temperature,
+                                           config.micro_batch_size) if reference is not None else None
+            seq_logps = lambdapo.sequence_scores(old_logps, completion_mask, config.seq_logp).view(-1, G)  # ℓ (num_prompts, G)
+            advantages = lambdapo.compute_advantages(config.algo, reward_values, seq_logps, config.tau,
+                                                     scale_by_std).to(device)                             # (B,)
+            loss_mask = completion_mask.clone()                                           # (B, T)
+            if config.mask_truncated:
+                loss_mask[rollout.truncated] = 0
+            timings["time/advantage"] = time.time() - tick
+
+            # ======================================================================================
+            # 4. UPDATE: clipped surrogate, mini-batches × epochs, micro-batches normalised globally
+            # ======================================================================================
+            tick = time.time()
+            policy.train()
+            totals = {"clip_fraction": 0.0, "policy_kl": 0.0, "kl": 0.0, "loss": 0.0, "tokens": 0.0}
+            grad_norms = []
+            B = input_ids.shape[0]
+            for _ in range(config.epochs):
+                order = torch.randperm(B, generator=generator).to(device)     # mix groups across mini-batches
+                for mini_batch in order.chunk(config.mini_batches):
+                    optimizer.zero_grad(set_to_none=True)
+                    full_mask = loss_mask[mini_batch]
+                    for micro in mini_batch.split(config.micro_batch_size or B):
+                        with autocast():
+                            logps = token_logprobs(policy, input_ids[micro], attention_mask[micro], completion_mask[micro],
+                                                   config.temperature)
+                        loss, stats = lambdapo.clipped_policy_loss(
+                            logps, old_logps[micro], advantages[micro], loss_mask[micro], config.clip_low,
+                            config.clip_high, ref_logps[micro] if ref_logps is not None else None, config.beta,
+                            config.aggregation)
+                        scale = lambdapo.micro_batch_scale(loss_mask[micro], full_mask, config.aggregation)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}")
+                        (loss * scale).backward()
+                        tokens = float(loss_mask[micro].sum())
+                        totals["tokens"] += tokens
+                        totals["loss"] += loss.item() * scale
+                        for name in ("clip_fraction", "policy_kl", "kl"):
+                            totals[name] += stats.get(name, 0.0) * tokens
+                    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                    if not torch.isfinite(grad_norm):
+                        raise FloatingPointError(f"non-finite gradient norm at step {step}")
+                    grad_norms.append(grad_norm.item())
+                    optimizer.step()
+            scheduler.step()
+            policy.eval()
+            timings["time/update"] = time.time() - tick
+
+            # ======================================================================================
+            # 5. LOG: metrics.jsonl (TRL-style names), samples.jsonl, progress bar, eval, checkpoint
+            # ======================================================================================
+            lengths = rollout.completion_lengths.float()
+            group_std = reward_values.std(dim=1)
+            tokens = max(totals["tokens"], 1.0)
+            num_updates = config.epochs * config.mini_batches
+            metrics = {
+                "step": step,
+                "reward": reward_values.mean().item(), "reward_std": group_std.mean().item(),
+                "frac_reward_zero_std": (group_std == 0).float().mean().item(),
+                "accuracy": accuracy.mean().item(), "rouge": rouge.mean().item(),
+                "advantages/abs_mean": advantages.abs().mean().item(),
+                "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+                "completions/max_length": lengths.max().item(),
+                "completions/clipped_ratio": rollout.truncated.float().mean().item(),
+                "loss": totals["loss"] / num_updates, "clip_fraction": totals["clip_fraction"] / tokens,
+                "policy_kl": totals["policy_kl"] / tokens,
+                "entropy": ((entropy * completion_mask).sum() / completion_mask.sum().clamp_min(1)).item(),
+                "grad_norm": sum(grad_norms) / len(grad_norms), "lr": scheduler.get_last_lr()[0],
+                **({"kl": totals["kl"] / tokens} if reference is not None else {}),
+            }
+            if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
+                metrics.update(run_eval(step))
+            timings["time/step"] = sum(timings.values())
+            metrics.update({name: round(value, 3) for name, value in timings.items()})
+            metrics["tokens_per_second"] = lengths.sum().item() / timings["time/step"]
+            write_jsonl(out_dir / "metrics.jsonl", [metrics])
+            write_jsonl(out_dir / "samples.jsonl", [
+                {"step": step, "prompt": batch[row // G]["prompt"], "completion": rollout.completions[row],
+                 "answer": batch[row // G]["answer"], "reward": scored[row]["reward"],
+                 "accuracy": scored[row]["accuracy"], "advantage": advantages[row].item()}
+                for row in range(0, min(config.log_samples * G, B), G)])
+            progress.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                                 clip=f"{metrics['clip_fraction']:.3f}", len=f"{metrics['completions/mean_length']:.0f}")
+            if config.save_every and step % config.save_every == 0:
+                save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, config.keep_checkpoints)
+                last_saved = step
+    except KeyboardInterrupt:
+        progress.close()
+        # The interrupted step never reached optimizer.step() (or finished it): the weights are those of
+        # step `completed`, which is what the checkpoint records.
+        completed = step if "metrics" in dir() and metrics.get("step") == step else step - 1
+        completed = max(completed, start_step)
+        if completed > last_saved:
+            path = save_checkpoint(out_dir, completed, policy, tokenizer, optimizer, scheduler, config.keep_checkpoints)
+            print(f"\nInterrupted: saved {path}; continue with --resume --out_dir {out_dir}", file=sys.stderr)
+        else:
+            print(f"\nInterrupted: nothing new since {latest_checkpoint(out_dir)}; continue with --resume", file=sys.stderr)
+        raise SystemExit(130)
+    progress.close()
+
+    # --- the end: final model, final evaluation, curves ----------------------------------------------
+    if step > last_saved:
+        save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, config.keep_checkpoints)
+    save_model(out_dir / "final", policy, tokenizer)
+    final_eval = run_eval(config.num_steps)
+    if final_eval:
+        write_jsonl(out_dir / "metrics.jsonl", [{"step": config.num_steps, **final_eval}])
+    if config.plot:
+        try:
+            import plot
+            plot.plot_runs([str(out_dir)], str(out_dir / "curves.png"))
+        except ImportError:
+            log("matplotlib is not installed: no curves.png (pip install matplotlib)")
+    summary = {"out_dir": str(out_dir), "steps": config.num_steps,
+               "initial_eval_accuracy": initial_eval.get("eval/accuracy"),
+               "final_eval_accuracy": final_eval.get("eval/accuracy")}
+    log(f"Done: {json.dumps(summary)}")
+    return summary
+
+
+def main(argv=None):
+    config = parse_config(argv)
+    try:
+        return train(config)
+    except (ConfigError, ModelLoadError, data.DatasetFieldError, data.DatasetLoadError, FloatingPointError) as error:
+        sys.exit(f"train.py: error: {error}")
+
+
+if __name__ == "__main__":
+    main()
