@@ -25,7 +25,7 @@ import torch
 
 import data
 import rewards
-from rollout import SamplingConfig, generate
+from rollout import FastGenerator, SamplingConfig, generate
 
 
 class ModelLoadError(RuntimeError):
@@ -105,12 +105,12 @@ def grade(completion: str, record: dict) -> tuple[float, str | None]:
 
 def evaluate(model, tokenizer, records: list[dict], num_samples: int = 1, sampling: SamplingConfig | None = None,
              chat_template_kwargs: dict | None = None, autocast_dtype: torch.dtype | None = None,
-             generate_fn=generate) -> tuple[dict, list[dict]]:
+             generate_fn=generate, engine=None) -> tuple[dict, list[dict]]:
     """Generate `num_samples` completions per record and grade them. Returns (summary, per-problem results)."""
     sampling = sampling or SamplingConfig(do_sample=False)
     start = time.time()
     rollout = generate_fn(model, tokenizer, [r["prompt"] for r in records], num_samples, sampling,
-                          chat_template_kwargs=chat_template_kwargs, autocast_dtype=autocast_dtype)
+                          chat_template_kwargs=chat_template_kwargs, autocast_dtype=autocast_dtype, engine=engine)
     results = []
     for index, record in enumerate(records):
         rows = range(index * num_samples, (index + 1) * num_samples)
@@ -161,6 +161,9 @@ def parse_args(argv=None):
     parser.add_argument("--enable_thinking", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                         help="Qwen3 chat template switch (true/false); default: the template's own default")
     parser.add_argument("--batch_size", type=int, default=64, help="sequences generated at once")
+    parser.add_argument("--engine", default="auto", choices=["auto", "fast", "plain"],
+                        help="fast: own static-cache decode loop (compiled on CUDA); plain: model.generate; "
+                             "auto: fast on CUDA, plain on CPU")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (and GPQA option shuffle seed)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--trust_remote_code", action="store_true", help="run Python code shipped with the model")
@@ -186,7 +189,10 @@ def main(argv=None):
                               max_new_tokens=args.max_new_tokens or (48 if args.benchmark == "toy" else 4096),
                               do_sample=temperature > 0, batch_size=args.batch_size)
     chat_template_kwargs = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking}
-    summary, results = evaluate(model, tokenizer, records, args.num_samples, sampling, chat_template_kwargs)
+    use_fast = args.engine == "fast" or (args.engine == "auto" and device.type == "cuda")
+    engine = FastGenerator(model, compile=True) if use_fast else None
+    summary, results = evaluate(model, tokenizer, records, args.num_samples, sampling, chat_template_kwargs,
+                                engine=engine)
     summary.update(model=args.model, benchmark=args.benchmark, data_file=args.data_file, device=str(device),
                    settings={"temperature": sampling.temperature, "top_p": sampling.top_p,
                              "max_new_tokens": sampling.max_new_tokens, "greedy": sampling.greedy,

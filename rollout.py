@@ -161,8 +161,11 @@ def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], group_size: int, sampling: SamplingConfig,
              chat_template_kwargs: dict | None = None, system_prompt: str | None = None,
-             autocast_dtype: torch.dtype | None = None) -> Rollout:
-    """Sample `group_size` completions for each user prompt with `model.generate` (the plain path).
+             autocast_dtype: torch.dtype | None = None, engine: "FastGenerator | None" = None) -> Rollout:
+    """Sample `group_size` completions for each user prompt.
+
+    With `engine` (a FastGenerator) decoding runs in our own static-cache loop; without it, through
+    `model.generate` (the plain path: the reference, and the default on CPU).
 
     Every sampling option is passed explicitly: transformers' GenerationConfig defaults are `None` (or
     the model's own `generation_config.json`, e.g. Qwen3's top_k=20), and samples must come from
@@ -190,6 +193,9 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, sampling: Sa
     with autocast:
         for start in range(0, prompt_ids.shape[0], sampling.batch_size):
             rows = slice(start, start + sampling.batch_size)
+            if engine is not None:
+                chunks.append(engine.decode(prompt_ids[rows], prompt_mask[rows], sampling, eos_ids, pad_id)[0])
+                continue
             output = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
                                     generation_config=config)
             chunks.append(output[:, prompt_ids.shape[1]:])
@@ -203,10 +209,106 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, sampling: Sa
         start += chunk.shape[0]
     completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)   # nothing after EOS but pad
+    longest = max(int(completion_mask.sum(dim=1).max()), 1) if completion_ids.numel() else T
+    completion_ids, completion_mask = completion_ids[:, :longest], completion_mask[:, :longest]  # no all-pad columns
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                    completion_mask=completion_mask, truncated=truncated,
                    completions=decode_completions(tokenizer, completion_ids, completion_mask, truncated),
                    group_size=group_size, prompts=formatted)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fast path: our own decode loop on a static KV cache (optionally compiled), a bf16 copy on GPU
+# ---------------------------------------------------------------------------------------------------
+def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature), restricted to the top_p nucleus. (B,)
+
+    No host synchronisation (no .item(), no multinomial): the exponential race argmax(p / E), E ~ Exp(1),
+    draws exactly from p and keeps the whole decode step on the device.
+    """
+    if greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)                  # (B, V)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs                   # probability ranked above each token
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)         # the first token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+
+
+class FastGenerator:
+    """Sampling with our own decode loop: prefill once, then one token per step on a static KV cache.
+
+    Why not `model.generate`: its per-step bookkeeping (logits processors, stopping criteria with a host
+    sync per token, a cache that grows) dominates small-batch decoding on a GPU. Here every decode step has
+    the same shapes (the attention mask spans the whole cache; unwritten slots are 0), so on CUDA the step
+    can be compiled and graph-captured; the host checks "have all rows ended?" only every `check_every`
+    tokens. On CUDA it samples from a bf16 copy of the policy (`sync` after each optimizer step), so the
+    float32 master weights are never cast per step. On CPU it uses the policy itself, in float32.
+    """
+
+    def __init__(self, policy, compile: bool = False, check_every: int = 16):
+        import copy
+        device = next(policy.parameters()).device
+        self.policy = policy
+        already_low_precision = next(policy.parameters()).dtype != torch.float32
+        self.model = policy if device.type != "cuda" or already_low_precision else \
+            copy.deepcopy(policy).to(torch.bfloat16).eval()
+        self.compile = compile and device.type == "cuda"
+        self.check_every = check_every
+        self._compiled_step = None
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Copy the policy's current weights into the generation copy (call after optimizer.step())."""
+        if self.model is not self.policy:
+            for target, source in zip(self.model.parameters(), self.policy.parameters()):
+                target.copy_(source)
+
+    def _step(self, input_ids, attention_mask, position_ids, cache):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          cache=cache, use_cache=True).logits[:, -1]
+
+    @torch.no_grad()
+    def decode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig,
+               eos_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(completion_ids (B, T), sampling_logps (B, T)) for left-padded prompts (B, P).
+
+        sampling_logps are log softmax(logits / temperature) of the chosen tokens under the generation
+        model: a check against token_logprobs (they agree up to the generation copy's precision).
+        """
+        from transformers import StaticCache
+
+        B, P = prompt_ids.shape
+        T = sampling.max_new_tokens
+        cache = StaticCache(config=self.model.config, max_cache_len=P + T)
+        attention_mask = torch.cat([prompt_mask, prompt_mask.new_zeros(B, T)], dim=1)   # (B, P + T), fixed shape
+        position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)                 # (B, P)
+        logits = self.model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]   # prefill
+        step = self._step
+        if self.compile:
+            step = self._compiled_step = self._compiled_step or torch.compile(self._step, mode="reduce-overhead",
+                                                                               fullgraph=False, dynamic=False)
+        next_position = position_ids[:, -1:] + 1                                        # (B, 1)
+        eos = torch.tensor(eos_ids, device=prompt_ids.device)
+        tokens = torch.full((B, T), pad_id, dtype=torch.long, device=prompt_ids.device)
+        sampling_logps = torch.zeros(B, T, device=prompt_ids.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+        for t in range(T):
+            scaled = logits.float() / (1.0 if sampling.greedy else sampling.temperature)
+            token = sample_next_token(logits, sampling.temperature, sampling.top_p, sampling.greedy)
+            token = torch.where(finished, torch.full_like(token, pad_id), token)         # after EOS: padding
+            tokens[:, t] = token
+            sampling_logps[:, t] = torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1)
+            finished |= torch.isin(token, eos)
+            if t == T - 1 or ((t + 1) % self.check_every == 0 and bool(finished.all())):
+                return tokens[:, : t + 1], sampling_logps[:, : t + 1]
+            attention_mask[:, P + t] = 1
+            logits = step(token[:, None], attention_mask, next_position, cache)
+            next_position = next_position + 1
+        return tokens, sampling_logps
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ HELDOUT_MODULUS = 10             # 1 pair in 10 is held out for evaluation
 EOS = "<|endoftext|>"            # also the pad token, on purpose: masks must never come from pad ids
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
-CHARS = list("0123456789+-*/=()[]{}\\.,:;?!'\" \n") + [chr(c) for c in range(ord("a"), ord("z") + 1)] \
+CHARS = list("0123456789+-*/=()[]{}\\.,:;?!'\" \n^_<>|$%&#~@`") + [chr(c) for c in range(ord("a"), ord("z") + 1)] \
     + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -164,7 +164,7 @@ def build_model(tokenizer, seed: int = 0):
 # ---------------------------------------------------------------------------------------------------
 # The warm start: supervised fine-tuning on the imperfect teacher
 # ---------------------------------------------------------------------------------------------------
-WARM_START = dict(steps=500, batch_size=64, lr=3e-3, warmup=30, seed=0)
+WARM_START = dict(steps=500, batch_size=64, lr=5e-3, warmup=30, seed=0)
 
 
 def teacher_solution(a: int, b: int, rng: random.Random) -> str:

@@ -19,12 +19,12 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,7 +37,7 @@ import data
 import lambdapo
 import rewards
 from eval import ModelLoadError, OneLineErrorParser, evaluate, load_model
-from rollout import SamplingConfig, generate, token_logprobs
+from rollout import FastGenerator, SamplingConfig, generate, token_logprobs
 
 
 # ===================================================================================================
@@ -80,9 +80,12 @@ class Config:
     top_p: float = option(1.0, "nucleus sampling; 1.0 samples the full distribution")
     enable_thinking: bool = option(False, "Qwen3 chat template's thinking mode (graded after </think>)")
     generation_batch_size: int = option(256, "sequences generated at once (memory only)")
+    rollout_engine: str = option("auto", "fast (own static-cache decode loop; on CUDA a bf16 copy of the policy) | "
+                                         "plain (model.generate) | auto (fast on CUDA, plain on CPU)")
+    compile_rollout: bool = option(True, "torch.compile + CUDA graphs for the fast engine's decode step (CUDA only)")
     # optimisation
-    num_steps: int = option(None, "RL steps, one rollout batch each (preset: 60 toy, 500 LLM)")
-    lr: float = option(None, "peak AdamW learning rate (preset: 1e-3 toy, 1e-6 LLM)")
+    num_steps: int = option(None, "RL steps, one rollout batch each (preset: 80 toy, 500 LLM)")
+    lr: float = option(None, "peak AdamW learning rate (preset: 5e-5 toy, 1e-6 LLM)")
     warmup_steps: int = option(None, "linear learning-rate warm-up in RL steps (preset: 10); a fresh AdamW "
                                      "on a warm-started model needs it")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -93,7 +96,8 @@ class Config:
     gradient_checkpointing: bool = option(None, "recompute activations in backward to save memory (preset: off toy, on LLM)")
     # evaluation, logging, checkpoints
     eval_every: int = option(None, "evaluate every N steps, 0 = only before and after training (preset: 0 toy, 50 LLM)")
-    eval_benchmark: str = option(None, "benchmark for evaluation during training (preset: toy | math500)")
+    eval_benchmark: str = option(None, "benchmark for evaluation during training, or none (preset: toy | math500)")
+    eval_data_file: str = option(None, "read the evaluation benchmark from this local file instead of the Hub")
     eval_limit: int = option(None, "problems per evaluation (preset: 200 toy, 100 LLM)")
     eval_max_new_tokens: int = option(None, "completion budget for evaluation (preset: max_new_tokens)")
     save_every: int = option(None, "checkpoint every N steps (preset: 20 toy, 50 LLM)")
@@ -108,7 +112,7 @@ class Config:
 
 
 PRESETS = {
-    "toy": dict(dataset="toy", prompts_per_step=16, max_new_tokens=48, num_steps=60, lr=1e-3, warmup_steps=10,
+    "toy": dict(dataset="toy", prompts_per_step=16, max_new_tokens=48, num_steps=80, lr=5e-5, warmup_steps=10,
                 mini_batches=4, micro_batch_size=None, gradient_checkpointing=False, eval_every=0,
                 eval_benchmark="toy", eval_limit=200, save_every=20),
     "llm": dict(dataset="math", prompts_per_step=32, max_new_tokens=1024, num_steps=500, lr=1e-6, warmup_steps=10,
@@ -128,8 +132,8 @@ def parse_bool(text: str) -> bool:
 def parse_config(argv=None) -> Config:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     choices = {"algo": ["lampo", "grpo", "dr_grpo", "rloo"], "aggregation": list(lambdapo.AGGREGATIONS),
-               "seq_logp": ["mean", "sum"], "scale_by_std": ["auto", "true", "false"],
-               "eval_benchmark": list(data.BENCHMARKS)}
+               "seq_logp": ["mean", "sum"], "rollout_engine": ["auto", "fast", "plain"], "scale_by_std": ["auto", "true", "false"],
+               "eval_benchmark": list(data.BENCHMARKS) + ["none"]}
     for item in dataclasses.fields(Config):
         kind = {"int": int, "float": float, "str": str, "bool": parse_bool}[item.type if isinstance(item.type, str)
                                                                              else item.type.__name__]
@@ -176,14 +180,14 @@ def check_config(config: Config) -> None:
 # ===================================================================================================
 # Checkpoints: Hugging Face folders (save_pretrained) plus the optimizer and RNG state to resume.
 # ===================================================================================================
-def save_checkpoint(out_dir: Path, step: int, policy, tokenizer, optimizer, scheduler, keep: int) -> Path:
+def save_checkpoint(out_dir: Path, step: int, policy, tokenizer, optimizer, scheduler, generator, keep: int) -> Path:
     path = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "update_rng": generator.get_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                tmp / "trainer_state.pt")
     shutil.rmtree(path, ignore_errors=True)
@@ -262,8 +266,8 @@ def train(config: Config) -> dict:
                                       seed=config.seed)
     if not records:
         raise ConfigError(f"the training set '{config.dataset}' has no usable records")
-    eval_records = data.load_benchmark(config.eval_benchmark, limit=config.eval_limit, seed=config.seed) \
-        if config.eval_benchmark else []
+    eval_records = [] if config.eval_benchmark == "none" else data.load_benchmark(
+        config.eval_benchmark, data_file=config.eval_data_file, limit=config.eval_limit, seed=config.seed)
     checkpoint = latest_checkpoint(out_dir) if config.resume else None
     if config.resume and checkpoint is None:
         log(f"--resume: no checkpoint in {out_dir}, starting from the beginning")
@@ -282,6 +286,7 @@ def train(config: Config) -> dict:
             reference.to(autocast_dtype)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config.warmup_steps))
+    generator = torch.Generator().manual_seed(config.seed)     # shuffles rows into mini-batches
     start_step = 0
     if checkpoint:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
@@ -289,6 +294,7 @@ def train(config: Config) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
+        generator.set_state(state["update_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         start_step = state["step"]
@@ -296,7 +302,9 @@ def train(config: Config) -> dict:
             path = out_dir / name
             if path.exists():
                 rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= start_step))
+                # keep the training rows up to the checkpoint, not the evaluation that closed the old run
+                kept = [r for r in rows if r["step"] < start_step or (r["step"] == start_step and "reward" in r)]
+                path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         log(f"Resuming from {checkpoint} at step {start_step}")
     else:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
@@ -309,16 +317,18 @@ def train(config: Config) -> dict:
                               batch_size=config.generation_batch_size)
     eval_sampling = SamplingConfig(do_sample=False, max_new_tokens=config.eval_max_new_tokens,
                                    batch_size=config.generation_batch_size)
+    use_fast = config.rollout_engine == "fast" or (config.rollout_engine == "auto" and device.type == "cuda")
+    engine = FastGenerator(policy, compile=config.compile_rollout) if use_fast else None
     template_kwargs = {"enable_thinking": config.enable_thinking} if "qwen3" in config.model.lower() or \
         "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "") else {}
     scale_by_std = None if config.scale_by_std == "auto" else config.scale_by_std == "true"
     G = config.group_size
-    generator = torch.Generator().manual_seed(config.seed)
 
     def run_eval(step: int) -> dict:
         if not eval_records:
             return {}
-        summary, _ = evaluate(policy, tokenizer, eval_records, 1, eval_sampling, template_kwargs, autocast_dtype)
+        summary, _ = evaluate(policy, tokenizer, eval_records, 1, eval_sampling, template_kwargs, autocast_dtype,
+                              engine=engine)
         log(f"step {step}: {config.eval_benchmark} held-out accuracy {summary['accuracy']:.3f} (n={summary['n']}, greedy)")
         return {"eval/accuracy": summary["accuracy"], "eval/n": summary["n"],
                 "eval/mean_completion_tokens": summary["mean_completion_tokens"]}
@@ -327,10 +337,22 @@ def train(config: Config) -> dict:
     if initial_eval:
         write_jsonl(out_dir / "metrics.jsonl", [{"step": 0, **initial_eval}])
 
-    step = start_step
-    last_saved = start_step
+    # Ctrl-C finishes the current step (half an update is not a state worth saving), saves a checkpoint
+    # and exits; a second Ctrl-C aborts at once.
+    stop_requested = False
+
+    def request_stop(signum, frame):
+        nonlocal stop_requested
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested = True
+        log("Ctrl-C: finishing this step, then saving a checkpoint (press Ctrl-C again to abort without saving)")
+
+    in_main_thread = threading.current_thread() is threading.main_thread()     # signals only work there
+    previous_handler = signal.signal(signal.SIGINT, request_stop) if in_main_thread else None
+    step = last_saved = start_step
     progress = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps,
-                    desc="lampo" if config.algo == "lampo" else config.algo, dynamic_ncols=True)
+                    desc=config.algo, dynamic_ncols=True)
     try:
         for step_index in progress:
             step = step_index + 1                             # steps are counted from 1: checkpoint-N has N updates
@@ -341,7 +363,7 @@ def train(config: Config) -> dict:
             tick = time.time()
             batch = prompt_batch(records, step_index, config.prompts_per_step, config.seed)
             rollout = generate(policy, tokenizer, [r["prompt"] for r in batch], G, sampling,
-                               chat_template_kwargs=template_kwargs, autocast_dtype=autocast_dtype)
+                               chat_template_kwargs=template_kwargs, autocast_dtype=autocast_dtype, engine=engine)
             timings["time/rollout"] = time.time() - tick
 
             # ======================================================================================
@@ -412,6 +434,8 @@ def train(config: Config) -> dict:
                     optimizer.step()
             scheduler.step()
             policy.eval()
+            if engine is not None:
+                engine.sync()                                  # the next rollout samples from the new weights
             timings["time/update"] = time.time() - tick
 
             # ======================================================================================
@@ -450,25 +474,24 @@ def train(config: Config) -> dict:
             progress.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                                  clip=f"{metrics['clip_fraction']:.3f}", len=f"{metrics['completions/mean_length']:.0f}")
             if config.save_every and step % config.save_every == 0:
-                save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, config.keep_checkpoints)
+                save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, generator, config.keep_checkpoints)
                 last_saved = step
-    except KeyboardInterrupt:
+            if stop_requested:
+                break
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
         progress.close()
-        # The interrupted step never reached optimizer.step() (or finished it): the weights are those of
-        # step `completed`, which is what the checkpoint records.
-        completed = step if "metrics" in dir() and metrics.get("step") == step else step - 1
-        completed = max(completed, start_step)
-        if completed > last_saved:
-            path = save_checkpoint(out_dir, completed, policy, tokenizer, optimizer, scheduler, config.keep_checkpoints)
-            print(f"\nInterrupted: saved {path}; continue with --resume --out_dir {out_dir}", file=sys.stderr)
-        else:
-            print(f"\nInterrupted: nothing new since {latest_checkpoint(out_dir)}; continue with --resume", file=sys.stderr)
+    if stop_requested:
+        if step > last_saved:
+            save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, generator, config.keep_checkpoints)
+        print(f"Interrupted after step {step}: saved {latest_checkpoint(out_dir)}; continue with "
+              f"python train.py --resume --out_dir {out_dir} (and the same options)", file=sys.stderr)
         raise SystemExit(130)
-    progress.close()
 
     # --- the end: final model, final evaluation, curves ----------------------------------------------
     if step > last_saved:
-        save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, config.keep_checkpoints)
+        save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, generator, config.keep_checkpoints)
     save_model(out_dir / "final", policy, tokenizer)
     final_eval = run_eval(config.num_steps)
     if final_eval:
@@ -492,6 +515,8 @@ def main(argv=None):
         return train(config)
     except (ConfigError, ModelLoadError, data.DatasetFieldError, data.DatasetLoadError, FloatingPointError) as error:
         sys.exit(f"train.py: error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("train.py: aborted (no checkpoint written for the unfinished step)")
 
 
 if __name__ == "__main__":

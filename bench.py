@@ -1,0 +1,192 @@
+"""Throughput and memory of the three phases of a training step: rollout, log-probs, update.
+
+    python bench.py --shape tiny                     # CPU, seconds (CI runs it)
+    python bench.py --shape qwen3-1.7b               # GPU: Qwen3-1.7B's exact config, random weights
+    python bench.py --model runs/demo/final          # any save_pretrained folder
+    python bench.py --shape qwen3-1.7b --save DIR    # write that random-weight model + a tokenizer, for
+                                                     # `train.py --model DIR` / `eval.py --model DIR` offline
+
+What is measured (tokens are completion tokens unless named otherwise):
+- rollout/plain:  `model.generate` with sampling, every sequence forced to `max_new_tokens`.
+- rollout/static: the same with `cache_implementation="static"` (compiled decoding), on CUDA only.
+- rollout/fast:   rollout.FastGenerator (our static-cache loop; compiled and on a bf16 copy on CUDA); its
+                  ratios to plain and static are printed. First-call (compile) time is reported separately.
+- logprobs:       rollout.token_logprobs without grad (the old/reference log-probs of a step).
+- update:         forward + backward + AdamW step, float32 master weights, bf16 autocast on CUDA,
+                  micro-batched, optional gradient checkpointing; tokens/s and model FLOP utilisation.
+- peak memory:    torch.cuda.max_memory_allocated (GPU) or the process's peak RSS (CPU).
+One JSON object is printed on the last line of stdout; nothing is cached, every number is measured now.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+import toy
+from rollout import FastGenerator, SamplingConfig, token_logprobs
+
+QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                  rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=151645,
+                  pad_token_id=151643, bos_token_id=151643)
+
+
+def build(shape: str, model_path: str | None, device: torch.device):
+    """(model in float32, tokenizer or None, label)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    if model_path:
+        from transformers import AutoTokenizer
+        return (AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device),
+                AutoTokenizer.from_pretrained(model_path), model_path)
+    tokenizer = toy.build_tokenizer()
+    if shape == "tiny":
+        return toy.build_model(tokenizer).to(device), tokenizer, "tiny"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_1_7B)).float()
+    return model, tokenizer, shape
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(function, device):
+    synchronize(device)
+    start = time.perf_counter()
+    result = function()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20      # KiB on Linux
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-1.7b"], help="built-in model shape (random weights)")
+    parser.add_argument("--model", default=None, help="measure this save_pretrained folder instead of a built-in shape")
+    parser.add_argument("--num_sequences", type=int, default=None, help="completions per rollout (default 64 GPU, 16 CPU)")
+    parser.add_argument("--prompt_len", type=int, default=None, help="prompt tokens (default 256 GPU, 16 CPU)")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="completion tokens (default 512 GPU, 32 CPU)")
+    parser.add_argument("--micro_batch_size", type=int, default=8, help="sequences per forward/backward in the update")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--static", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time cache_implementation='static' (default: on CUDA only)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile the fast engine's decode step (CUDA only)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--save", default=None, help="save the built model and tokenizer here and exit")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    B = args.num_sequences or (64 if on_gpu else 16)
+    P = args.prompt_len or (256 if on_gpu else 16)
+    T = args.max_new_tokens or (512 if on_gpu else 32)
+    model, tokenizer, label = build(args.shape, args.model, device)
+    if args.save:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(args.save)
+        tokenizer.save_pretrained(args.save)
+        print(json.dumps({"saved": args.save, "parameters": sum(p.numel() for p in model.parameters())}))
+        return
+    parameters = sum(p.numel() for p in model.parameters())
+    vocab = model.config.vocab_size
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    prompts = torch.randint(3, vocab, (B, P), generator=generator).to(device)
+    prompt_mask = torch.ones_like(prompts)
+    result = {"device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
+              "model": label, "parameters": parameters, "num_sequences": B, "prompt_len": P, "max_new_tokens": T,
+              "torch": torch.__version__}
+
+    # --- rollout: a bf16 copy on GPU (as train.py's generation does under autocast), forced length ---------
+    generation_model = model
+    if on_gpu:
+        import copy
+        generation_model = copy.deepcopy(model).to(torch.bfloat16).eval()
+    common = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=T, min_new_tokens=T,
+                  pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        generation_model.generate(input_ids=prompts[:, :8], attention_mask=prompt_mask[:, :8], max_new_tokens=2,
+                                  do_sample=True, top_k=0, pad_token_id=0)           # warm-up
+        output, seconds = timed(lambda: generation_model.generate(input_ids=prompts, attention_mask=prompt_mask,
+                                                                  **common), device)
+    result["rollout_plain_tokens_per_s"] = round(B * T / seconds, 1)
+    if args.static if args.static is not None else on_gpu:
+        with torch.no_grad():
+            _, compile_seconds = timed(lambda: generation_model.generate(
+                input_ids=prompts, attention_mask=prompt_mask, cache_implementation="static", **common), device)
+            _, seconds = timed(lambda: generation_model.generate(
+                input_ids=prompts, attention_mask=prompt_mask, cache_implementation="static", **common), device)
+        result["rollout_static_tokens_per_s"] = round(B * T / seconds, 1)
+        result["rollout_static_first_call_s"] = round(compile_seconds, 1)
+        result["rollout_static_over_plain"] = round(result["rollout_static_tokens_per_s"] /
+                                                    result["rollout_plain_tokens_per_s"], 2)
+    # --- rollout: our engine (rollout.FastGenerator), compiled + graph-captured decode step on CUDA -------------
+    engine = FastGenerator(model, compile=on_gpu and args.compile)
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=T)
+    _, first_seconds = timed(lambda: engine.decode(prompts, prompt_mask, sampling, eos_ids=[-1], pad_id=0), device)
+    (fast_ids, _), seconds = timed(lambda: engine.decode(prompts, prompt_mask, sampling, eos_ids=[-1], pad_id=0), device)
+    assert fast_ids.shape == (B, T)
+    result["rollout_fast_tokens_per_s"] = round(B * T / seconds, 1)
+    result["rollout_fast_first_call_s"] = round(first_seconds, 1)
+    result["rollout_fast_over_plain"] = round(result["rollout_fast_tokens_per_s"] / result["rollout_plain_tokens_per_s"], 2)
+    if "rollout_static_tokens_per_s" in result:
+        result["rollout_fast_over_static"] = round(result["rollout_fast_tokens_per_s"] /
+                                                   result["rollout_static_tokens_per_s"], 2)
+    engine = None                                   # free the bf16 copy before the update
+    if on_gpu:
+        del generation_model
+        torch.cuda.empty_cache()
+    input_ids = output[:, : P + T]
+    attention_mask = torch.ones_like(input_ids)
+    completion_mask = torch.ones(B, T, dtype=torch.long, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
+
+    # --- log-probs (no grad) ----------------------------------------------------------------------------------
+    with torch.no_grad(), autocast:
+        _, seconds = timed(lambda: token_logprobs(model, input_ids, attention_mask, completion_mask, 1.0,
+                                                  args.micro_batch_size), device)
+    result["logprobs_tokens_per_s"] = round(B * T / seconds, 1)
+
+    # --- update: forward + backward + AdamW, float32 master weights -----------------------------------------
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def update():
+        optimizer.zero_grad(set_to_none=True)
+        for start in range(0, B, args.micro_batch_size):
+            rows = slice(start, start + args.micro_batch_size)
+            with autocast:
+                logps = token_logprobs(model, input_ids[rows], attention_mask[rows], completion_mask[rows], 1.0)
+            (-(logps.sum()) / (B * T)).backward()
+        optimizer.step()
+
+    update()                                                                   # warm-up (allocates AdamW state)
+    _, seconds = timed(update, device)
+    result["update_tokens_per_s"] = round(B * T / seconds, 1)
+    result["update_all_tokens_per_s"] = round(B * (P + T) / seconds, 1)
+    if on_gpu:
+        flops = 6 * parameters * B * (P + T)                                   # forward + backward, matmuls only
+        peak = {"H100": 989e12, "H200": 989e12}.get(next((k for k in ("H100", "H200") if k in result["device"]), ""), None)
+        if peak:
+            result["update_mfu"] = round(flops / seconds / peak, 3)
+    result["peak_memory_gib"] = round(peak_memory_gib(device), 2)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(None if main() else 0)

@@ -1,0 +1,1035 @@
+"""The tests: every formula against hand-computed or independently computed values, masks, log-probs,
+gradients, the training loop end to end. CPU only, tiny models, no network: `pytest -q` (see README).
+
+Sections: 1. advantages  2. clipped loss  3. masks and log-probs  4. the toy world  5. training loop
+6. evaluation  then the tests of rewards.py and data.py.
+"""
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import types
+
+import pytest
+import torch
+
+import data
+import lambdapo
+import rollout
+import toy
+from lambdapo import clipped_policy_loss, confidence_weights, grpo_advantages, pairwise_advantages
+from rewards import (accuracy_reward, extract_boxed, multiple_choice_reward, reward, rouge_l_reward,
+                     score_completions, strip_thinking)
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# ===================================================================================================
+# 1. Advantages
+# ===================================================================================================
+def test_grpo_advantages_hand_computed():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    # mean 0.25; unbiased std = sqrt((0.75² + 3·0.25²)/3) = 0.5
+    expected = torch.tensor([[0.75, -0.25, -0.25, -0.25]]) / (0.5 + 1e-6)
+    torch.testing.assert_close(grpo_advantages(rewards), expected)
+    torch.testing.assert_close(grpo_advantages(rewards, scale_by_std=False), torch.tensor([[0.75, -0.25, -0.25, -0.25]]))
+
+
+def test_confidence_weights_hand_computed():
+    rewards = torch.tensor([[1.0, 0.0, 0.5]])
+    seq_logps = torch.tensor([[-1.0, -0.5, -2.0]])
+    tau = 0.5
+    weights = confidence_weights(rewards, seq_logps, tau)
+    # pair (0,1): r0 > r1 but ℓ0 < ℓ1 (wrong order): w = 2σ(−(+1)(−1 − (−0.5))/0.5) = 2σ(1)
+    assert weights[0, 0, 1].item() == pytest.approx(2 * sigmoid(1.0), abs=1e-6)
+    # pair (0,2): r0 > r2 and ℓ0 > ℓ2 (right order): w = 2σ(−(−1 + 2)/0.5) = 2σ(−2)
+    assert weights[0, 0, 2].item() == pytest.approx(2 * sigmoid(-2.0), abs=1e-6)
+    # pair (1,2): r1 < r2 (s = −1), ℓ1 − ℓ2 = 1.5: w = 2σ(1.5/0.5) = 2σ(3)  (wrong order: ℓ prefers the worse)
+    assert weights[0, 1, 2].item() == pytest.approx(2 * sigmoid(3.0), abs=1e-6)
+    torch.testing.assert_close(weights, weights.transpose(1, 2))           # w_ij = w_ji
+    assert torch.all(weights.diagonal(dim1=1, dim2=2) == 1.0)
+    assert torch.all((weights > 0) & (weights < 2))
+
+
+def reference_pairwise(rewards: list[float], scores: list[float], tau: float) -> list[float]:
+    """DESIGN.md §1 written as plain Python loops: an independent implementation."""
+    G = len(rewards)
+    out = []
+    for i in range(G):
+        total = 0.0
+        for j in range(G):
+            if j == i:
+                continue
+            s = (rewards[i] > rewards[j]) - (rewards[i] < rewards[j])
+            w = 2.0 * sigmoid(-s * (scores[i] - scores[j]) / tau)
+            total += (rewards[i] - rewards[j]) * w
+        out.append(total / (G - 1))
+    return out
+
+
+def test_pairwise_advantages_match_loop_formula():
+    generator = torch.Generator().manual_seed(0)
+    rewards = torch.randint(0, 2, (5, 6), generator=generator).float() + 0.3 * torch.rand(5, 6, generator=generator)
+    seq_logps = -3 * torch.rand(5, 6, generator=generator)
+    for tau in (0.3, 1.0, 4.0):
+        got = pairwise_advantages(rewards, seq_logps, tau)
+        for g in range(5):
+            expected = reference_pairwise(rewards[g].tolist(), seq_logps[g].tolist(), tau)
+            assert got[g].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_pairwise_advantages_small_worked_example():
+    # G = 2: A_0 = (1 − 0) · 2σ(−(ℓ0 − ℓ1)) = 2σ(1) with ℓ0 = −2, ℓ1 = −1; A_1 = −A_0.
+    advantages = pairwise_advantages(torch.tensor([[1.0, 0.0]]), torch.tensor([[-2.0, -1.0]]))
+    assert advantages[0, 0].item() == pytest.approx(2 * sigmoid(1.0), abs=1e-6)
+    assert advantages[0, 1].item() == pytest.approx(-2 * sigmoid(1.0), abs=1e-6)
+
+
+def test_pairwise_advantages_sum_to_zero_per_group():
+    rewards = torch.rand(7, 8)
+    advantages = pairwise_advantages(rewards, torch.randn(7, 8), tau=0.7)
+    torch.testing.assert_close(advantages.sum(dim=1), torch.zeros(7), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("algo", ["lampo", "grpo", "dr_grpo", "rloo"])
+def test_equal_rewards_give_zero_advantage_not_nan(algo):
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    advantages = lambdapo.compute_advantages(algo, rewards, torch.randn(2, 4), scale_by_std=None)
+    assert torch.all(advantages == 0)
+    advantages = pairwise_advantages(rewards, torch.randn(2, 4), scale_by_std=True)
+    assert not torch.isnan(advantages).any() and torch.all(advantages == 0)
+
+
+def test_lampo_tends_to_rloo_as_tau_grows():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.2]])
+    seq_logps = torch.tensor([[-0.1, -3.0, -0.5, -2.0, -1.0]])
+    # RLOO by hand: r_i − mean of the others
+    rloo = torch.tensor([[r - (rewards.sum() - r) / 4 for r in rewards[0].tolist()]])
+    torch.testing.assert_close(pairwise_advantages(rewards, seq_logps, tau=float("inf")), rloo)
+    torch.testing.assert_close(pairwise_advantages(rewards, seq_logps, tau=1e6), rloo, atol=1e-5, rtol=0)
+    assert not torch.allclose(pairwise_advantages(rewards, seq_logps, tau=1.0), rloo, atol=1e-3)
+    # GRPO without std scaling is RLOO × (G − 1)/G
+    torch.testing.assert_close(grpo_advantages(rewards, scale_by_std=False), rloo * 4 / 5)
+
+
+def test_confidence_weights_are_constants_of_the_loss():
+    seq_logps = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    advantages = pairwise_advantages(torch.tensor([[1.0, 0.0, 0.0]]), seq_logps)
+    assert not advantages.requires_grad
+
+
+def test_lampo_weights_unsure_pairs_more():
+    # Right completion scored higher by the policy (already learned) vs lower (still to learn).
+    learned = pairwise_advantages(torch.tensor([[1.0, 0.0]]), torch.tensor([[-0.5, -3.0]]))
+    to_learn = pairwise_advantages(torch.tensor([[1.0, 0.0]]), torch.tensor([[-3.0, -0.5]]))
+    assert 0 < learned[0, 0] < 1 < to_learn[0, 0] < 2
+
+
+def test_sequence_scores_mean_and_sum():
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    torch.testing.assert_close(lambdapo.sequence_scores(logps, mask), torch.tensor([-2.0, -4.0]))
+    torch.testing.assert_close(lambdapo.sequence_scores(logps, mask, "sum"), torch.tensor([-6.0, -4.0]))
+
+
+def test_compute_advantages_rejects_unknown_algo_and_small_groups():
+    with pytest.raises(ValueError, match="unknown algo"):
+        lambdapo.compute_advantages("ppo", torch.zeros(1, 4), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="at least 2"):
+        pairwise_advantages(torch.zeros(3, 1), torch.zeros(3, 1))
+
+
+# ===================================================================================================
+# 2. The clipped loss
+# ===================================================================================================
+def test_clipped_loss_hand_computed_per_token_and_clip_fraction():
+    # Token a: A = +1, ρ = e^0.5 = 1.6487 > 1.2  -> clipped: L = −1.2
+    # Token b: A = −1, ρ = e^−0.5 = 0.6065 < 0.8 -> clipped: L = −(0.8 · −1) = 0.8
+    # Token c: A = +1, ρ = e^0.1 = 1.1052 inside -> L = −1.1052
+    # Token d: A = −1, ρ = e^0.5 = 1.6487 (bad direction, never clipped) -> L = 1.6487
+    logps = torch.tensor([[0.5, 0.1], [-0.5, 0.5]])
+    old = torch.zeros(2, 2)
+    advantages = torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 2)
+    loss, stats = clipped_policy_loss(logps, old, advantages, mask)
+    # rows: [a, c] with A = +1 ; [b, d] with A = −1
+    expected = (-1.2 - math.exp(0.1) + 0.8 + math.exp(0.5)) / 4
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    assert stats["clip_fraction"] == pytest.approx(0.5)
+
+
+def test_clipped_loss_asymmetric_clip_range():
+    logps = torch.tensor([[math.log(1.25)]])
+    loss, stats = clipped_policy_loss(logps, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1),
+                                      clip_low=0.2, clip_high=0.28)
+    assert loss.item() == pytest.approx(-1.25, abs=1e-6) and stats["clip_fraction"] == 0.0
+    loss, stats = clipped_policy_loss(logps, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1),
+                                      clip_low=0.2, clip_high=0.2)
+    assert loss.item() == pytest.approx(-1.2, abs=1e-6) and stats["clip_fraction"] == 1.0
+
+
+def test_loss_aggregations_hand_computed():
+    # ρ = 1 everywhere, so L_t = −A_i; row 0 has 1 real token (A=2), row 1 has 3 (A=−1), T = 4.
+    logps = torch.zeros(2, 4)
+    advantages = torch.tensor([2.0, -1.0])
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]])
+    token_mean, _ = clipped_policy_loss(logps, logps, advantages, mask, aggregation="token-mean")
+    seq_mean, _ = clipped_policy_loss(logps, logps, advantages, mask, aggregation="seq-mean")
+    fixed, _ = clipped_policy_loss(logps, logps, advantages, mask, aggregation="fixed-length")
+    assert token_mean.item() == pytest.approx((-2 + 3) / 4)
+    assert seq_mean.item() == pytest.approx((-2 + 1) / 2)
+    assert fixed.item() == pytest.approx((-2 + 3) / (2 * 4))
+
+
+def test_k3_kl_penalty_hand_computed():
+    logps = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]])
+    loss, stats = clipped_policy_loss(logps, logps, torch.tensor([0.0]), torch.ones(1, 2), ref_logps=ref, beta=0.1)
+    kl = [math.exp(d) - d - 1 for d in (-0.5, 1.0)]          # d = log π_ref − log π_θ
+    assert stats["kl"] == pytest.approx(sum(kl) / 2, abs=1e-6)
+    assert loss.item() == pytest.approx(0.1 * sum(kl) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="ref_logps"):
+        clipped_policy_loss(logps, logps, torch.tensor([0.0]), torch.ones(1, 2), beta=0.1)
+
+
+def test_clipped_loss_gradient_hand_computed():
+    # Unclipped token: d/dlogp [−ρ A / N] = −ρ A / N.  Clipped token: gradient exactly 0.
+    logps = torch.tensor([[0.1, 0.5]], requires_grad=True)
+    loss, _ = clipped_policy_loss(logps, torch.zeros(1, 2), torch.tensor([2.0]), torch.ones(1, 2))
+    loss.backward()
+    assert logps.grad[0, 0].item() == pytest.approx(-math.exp(0.1) * 2 / 2, abs=1e-6)
+    assert logps.grad[0, 1].item() == 0.0
+
+
+@pytest.mark.parametrize("aggregation", lambdapo.AGGREGATIONS)
+def test_gradient_does_not_depend_on_micro_batch_split(aggregation):
+    generator = torch.Generator().manual_seed(1)
+    B, T = 6, 5
+    old = -torch.rand(B, T, generator=generator)
+    advantages = torch.randn(B, generator=generator)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for row, length in enumerate([1, 5, 2, 4, 3, 5]):
+        mask[row, length:] = 0
+    init = old + 0.3 * torch.randn(B, T, generator=generator)
+
+    full = init.clone().requires_grad_(True)
+    loss, _ = clipped_policy_loss(full, old, advantages, mask, aggregation=aggregation)
+    loss.backward()
+
+    split = init.clone().requires_grad_(True)
+    for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):      # uneven micro-batches
+        micro_loss, _ = clipped_policy_loss(split[rows], old[rows], advantages[rows], mask[rows], aggregation=aggregation)
+        (micro_loss * lambdapo.micro_batch_scale(mask[rows], mask, aggregation)).backward()
+    torch.testing.assert_close(split.grad, full.grad, atol=1e-6, rtol=1e-5)
+
+
+# ===================================================================================================
+# 3. Masks and per-token log-probabilities
+# ===================================================================================================
+@pytest.fixture(scope="module")
+def tiny():
+    """A random-weight tiny Qwen3 and the character tokenizer (pad == EOS)."""
+    tokenizer = toy.build_tokenizer()
+    model = toy.build_model(tokenizer, seed=0).eval()
+    return model, tokenizer
+
+
+def test_completion_mask_with_pad_equal_to_eos():
+    eos = 0
+    ids = torch.tensor([[5, 6, eos, eos, eos],     # stops: EOS kept, padding after it masked
+                        [eos, eos, eos, eos, eos],  # stops at once: only the EOS is real
+                        [5, 6, 7, 8, 9]])          # never stops: truncated
+    mask, truncated = rollout.completion_mask_from_eos(ids, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+    # A mask from pad ids would have hidden the EOS (and everything in row 1): the trap we avoid.
+    assert (ids != eos).long().tolist()[0] == [1, 1, 0, 0, 0]
+
+
+def test_completion_mask_with_several_eos_ids():
+    mask, truncated = rollout.completion_mask_from_eos(torch.tensor([[4, 9, 3, 9], [4, 4, 4, 4]]), [3, 9])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and truncated.tolist() == [False, True]
+
+
+def plain_logprobs(model, input_ids, attention_mask, completion_ids, temperature):
+    """Independent reference: one full forward, full log_softmax, gather. (B, T)"""
+    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+    T = completion_ids.shape[1]
+    logprobs = torch.log_softmax(logits[:, -T - 1:-1].float() / temperature, dim=-1)
+    return logprobs.gather(-1, completion_ids[..., None]).squeeze(-1)
+
+
+def sample_rollout(model, tokenizer, G=3, max_new_tokens=12, seed=0):
+    torch.manual_seed(seed)
+    prompts = ["1+2=", "345+678=", "9+9="]
+    return rollout.generate(model, tokenizer, prompts, G, rollout.SamplingConfig(max_new_tokens=max_new_tokens))
+
+
+def test_token_logprobs_match_plain_forward(tiny, monkeypatch):
+    model, tokenizer = tiny
+    r = sample_rollout(model, tokenizer)
+    monkeypatch.setattr(rollout, "LOGIT_CHUNK_TOKENS", 7)      # force several vocabulary chunks
+    with torch.no_grad():
+        got, entropy = rollout.token_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask,
+                                              temperature=0.7, micro_batch_size=4, return_entropy=True)
+        expected = plain_logprobs(model, r.input_ids, r.attention_mask, r.completion_ids, 0.7) * r.completion_mask
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(got[r.completion_mask == 0] == 0)
+    assert torch.all(entropy[r.completion_mask == 1] > 0)
+
+
+def test_token_logprobs_gradient_matches_plain_forward(tiny):
+    model, tokenizer = tiny
+    r = sample_rollout(model, tokenizer, G=2)
+    weights = torch.randn(r.completion_mask.shape) * r.completion_mask
+    model.zero_grad()
+    (rollout.token_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, 0.9, 2) * weights).sum().backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (plain_logprobs(model, r.input_ids, r.attention_mask, r.completion_ids, 0.9) * weights).sum().backward()
+    for a, b in zip(ours, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    model.zero_grad()
+
+
+def test_logprobs_do_not_depend_on_left_padding(tiny):
+    model, tokenizer = tiny
+    prompt = torch.tensor([[1, 11, 12, 13, 2]])
+    completion = torch.tensor([[14, 15, 16, 0]])
+    results = []
+    for pad in (0, 3, 9):
+        ids = torch.cat([torch.zeros(1, pad, dtype=torch.long), prompt, completion], dim=1)
+        attention = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], dim=1)
+        with torch.no_grad():
+            results.append(rollout.token_logprobs(model, ids, attention, torch.ones(1, 4, dtype=torch.long)))
+    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[2], results[0], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_groups_masks_and_texts(tiny):
+    model, tokenizer = tiny
+    r = sample_rollout(model, tokenizer, G=4, max_new_tokens=10)
+    assert r.completion_ids.shape[0] == 12 and r.group_size == 4
+    for g in range(3):                                           # groups are contiguous copies of one prompt
+        assert all(torch.equal(r.prompt_ids[g * 4], r.prompt_ids[g * 4 + k]) for k in range(4))
+    assert r.prompt_mask[:, -1].all()                            # left padding: every prompt ends at column P
+    for row in range(12):
+        length = int(r.completion_mask[row].sum())
+        ids = r.completion_ids[row, :length].tolist()
+        if not r.truncated[row]:
+            assert ids[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in ids[:-1]
+            ids = ids[:-1]
+        assert r.completions[row] == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_greedy_generation_is_deterministic_per_group(tiny):
+    model, tokenizer = tiny
+    r = rollout.generate(model, tokenizer, ["12+34="], 3, rollout.SamplingConfig(max_new_tokens=8, do_sample=False))
+    assert r.completions[0] == r.completions[1] == r.completions[2]
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_fast_engine_matches_plain_generate_under_greedy(tiny, group_size):
+    model, tokenizer = tiny
+    prompts = ["1+2=", "345+678=", "9+9=", "12+3="]
+    sampling = rollout.SamplingConfig(max_new_tokens=20, do_sample=False, batch_size=5)
+    plain = rollout.generate(model, tokenizer, prompts, group_size, sampling)
+    fast = rollout.generate(model, tokenizer, prompts, group_size, sampling, engine=rollout.FastGenerator(model))
+    assert torch.equal(plain.completion_ids, fast.completion_ids)
+    assert torch.equal(plain.completion_mask, fast.completion_mask) and plain.completions == fast.completions
+
+
+def test_fast_engine_reports_the_logprobs_of_its_samples(tiny):
+    model, tokenizer = tiny
+    formatted = rollout.format_prompts(tokenizer, ["1+2=", "345+678="])
+    prompt_ids, prompt_mask = rollout.tokenize_prompts(tokenizer, formatted)
+    torch.manual_seed(0)
+    sampling = rollout.SamplingConfig(max_new_tokens=10, temperature=0.8)
+    completion_ids, sampling_logps = rollout.FastGenerator(model).decode(prompt_ids, prompt_mask, sampling, [0], 0)
+    mask, _ = rollout.completion_mask_from_eos(completion_ids, [0])
+    with torch.no_grad():
+        logps = rollout.token_logprobs(model, torch.cat([prompt_ids, completion_ids], 1),
+                                       torch.cat([prompt_mask, mask], 1), mask, temperature=0.8)
+    torch.testing.assert_close(sampling_logps * mask, logps, atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_tokens_follow_temperature_and_top_p():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    temperature, top_p, n = 0.7, 0.8, 40_000
+    # Independent expectation: softmax(logits / T), keep the smallest top set whose mass reaches top_p.
+    probs = [math.exp(x / temperature) for x in logits.tolist()]
+    probs = [p / sum(probs) for p in probs]
+    kept, mass = [], 0.0
+    for index in sorted(range(5), key=lambda i: -probs[i]):
+        if mass >= top_p:
+            break
+        kept.append(index)
+        mass += probs[index]
+    expected = [probs[i] / mass if i in kept else 0.0 for i in range(5)]
+    torch.manual_seed(0)
+    tokens = rollout.sample_next_token(logits.expand(n, 5), temperature, top_p, greedy=False)
+    empirical = torch.bincount(tokens, minlength=5).float() / n
+    assert empirical.tolist() == pytest.approx(expected, abs=0.01)
+    assert all(empirical[i] == 0 for i in range(5) if i not in kept)
+    assert torch.equal(rollout.sample_next_token(logits.expand(3, 5), 1.0, 1.0, greedy=True), torch.zeros(3, dtype=torch.long))
+
+
+def test_update_with_positive_advantage_raises_logprob(tiny):
+    model, tokenizer = tiny
+    model = toy.build_model(tokenizer, seed=3)
+    r = sample_rollout(model, tokenizer, G=2, seed=1)
+    rows = slice(0, 1)
+    with torch.no_grad():
+        before = rollout.token_logprobs(model, r.input_ids[rows], r.attention_mask[rows], r.completion_mask[rows])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    logps = rollout.token_logprobs(model, r.input_ids[rows], r.attention_mask[rows], r.completion_mask[rows])
+    loss, _ = clipped_policy_loss(logps, before, torch.tensor([1.0]), r.completion_mask[rows])
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = rollout.token_logprobs(model, r.input_ids[rows], r.attention_mask[rows], r.completion_mask[rows])
+    mask = r.completion_mask[rows]
+    assert (after * mask).sum() > (before * mask).sum()
+
+
+def test_float32_master_weights_take_tiny_updates(tiny):
+    model = toy.build_model(tiny[1], seed=4)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+    model(input_ids=torch.tensor([[3, 4, 5, 6]]), labels=torch.tensor([[3, 4, 5, 6]])).loss.backward()
+    optimizer.step()
+    changed = sum(int(not torch.equal(a, p.detach())) for a, p in zip(before, model.parameters()))
+    assert changed == len(before)
+    # The same step on bf16 weights is lost to rounding for most of them (why we keep float32 masters).
+    weight = torch.full((1000,), 0.5, dtype=torch.bfloat16)
+    assert torch.equal(weight - torch.tensor(1e-6, dtype=torch.bfloat16), weight)
+
+
+# ===================================================================================================
+# 4. The toy world
+# ===================================================================================================
+def test_toy_tokenizer_round_trip_and_template(tmp_path):
+    from transformers import AutoTokenizer
+    tokenizer = toy.build_tokenizer()
+    text = "5+7+0=12\n8+4+1=13\n\\boxed{132} (x^2)"
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    for tok in (tokenizer, loaded):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(text)                          # one token per character
+        assert tok.decode(ids) == text
+        assert tok.pad_token_id == tok.eos_token_id
+        formatted = rollout.format_prompts(tok, ["85+47="])[0]
+        assert formatted == "<|user|>85+47=<|assistant|>"
+
+
+def test_toy_worked_solution_and_flawed_teacher():
+    for a in range(0, 120, 7):
+        for b in range(0, 120, 11):
+            sol = toy.worked_solution(a, b)
+            assert sol.endswith("\\boxed{" + str(a + b) + "}")
+            flawed = toy.worked_solution(a, b, drop_final_carry=True)
+            final_carry = len(str(a + b)) > max(len(str(a)), len(str(b)))
+            assert (flawed != sol) == final_carry
+
+
+def test_toy_heldout_is_fixed_and_disjoint_from_training():
+    heldout = toy.heldout_records(200)
+    assert heldout == toy.heldout_records(200)
+    train_prompts = {r["prompt"] for r in toy.train_records(3000, seed=5)}
+    assert not train_prompts & {r["prompt"] for r in heldout}
+    assert all(toy.is_heldout(*map(int, r["prompt"][:-1].split("+"))) for r in heldout)
+
+
+# ===================================================================================================
+# 5. The training loop, end to end on CPU
+# ===================================================================================================
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_model")
+    tokenizer = toy.build_tokenizer()
+    model = toy.build_model(tokenizer, seed=0)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def tiny_args(model_dir, out_dir, *extra):
+    return ["--model", model_dir, "--out_dir", str(out_dir), "--dataset", "toy", "--eval_benchmark", "toy",
+            "--eval_limit", "4", "--prompts_per_step", "2", "--group_size", "3", "--max_new_tokens", "6",
+            "--num_steps", "2", "--lr", "1e-3", "--warmup_steps", "1", "--mini_batches", "2",
+            "--micro_batch_size", "2", "--gradient_checkpointing", "false", "--plot", "false", *extra]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_train_runs_and_writes_everything(tiny_model_dir, tmp_path):
+    import train
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_model_dir, out, "--save_every", "1"))
+    for name in ("config.json", "metrics.jsonl", "samples.jsonl", "initial/config.json", "final/config.json",
+                 "final/tokenizer.json", "checkpoint-2/trainer_state.pt"):
+        assert (out / name).exists(), name
+    metrics = read_jsonl(out / "metrics.jsonl")
+    steps = [m for m in metrics if "reward" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "accuracy", "rouge", "completions/mean_length",
+                "completions/clipped_ratio", "clip_fraction", "entropy", "grad_norm", "lr", "time/rollout",
+                "time/update"):
+        assert key in steps[0], key
+    assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[-1]
+    assert steps[0]["lr"] == pytest.approx(1e-3)
+    # the policy moved
+    from transformers import AutoModelForCausalLM
+    initial = AutoModelForCausalLM.from_pretrained(out / "initial")
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert not torch.equal(initial.model.embed_tokens.weight, final.model.embed_tokens.weight)
+
+
+def test_resume_continues_exactly(tiny_model_dir, tmp_path):
+    import train
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.main(tiny_args(tiny_model_dir, straight, "--num_steps", "3", "--save_every", "1"))
+    train.main(tiny_args(tiny_model_dir, resumed, "--num_steps", "2", "--save_every", "1"))
+    train.main(tiny_args(tiny_model_dir, resumed, "--num_steps", "3", "--save_every", "1", "--resume"))
+    a = read_jsonl(straight / "metrics.jsonl")
+    b = read_jsonl(resumed / "metrics.jsonl")
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        if "reward" in x:
+            assert x["reward"] == pytest.approx(y["reward"]) and x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+    from transformers import AutoModelForCausalLM
+    wa = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(resumed / "final").state_dict()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-5)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits(tiny_model_dir, tmp_path, monkeypatch):
+    import rewards
+    import train
+    calls = {"n": 0}
+    real_reward = rewards.reward
+
+    def reward_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:                      # during step 2's reward phase (6 completions per step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_reward(*args, **kwargs)
+
+    monkeypatch.setattr(rewards, "reward", reward_then_interrupt)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(tiny_model_dir, out, "--num_steps", "5", "--save_every", "0"))
+    assert exit_info.value.code == 130
+    assert (out / "checkpoint-2" / "trainer_state.pt").exists()
+    assert not (out / "final").exists()
+    assert torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=False)["step"] == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--group_size", "1"], "group_size must be at least 2"),
+    (["--model", "/no/such/model"], "model folder not found"),
+])
+def test_bad_input_gives_one_line_error(tiny_model_dir, tmp_path, capsys, extra, message):
+    import train
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(tiny_model_dir, tmp_path / "run", *extra))
+    assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+
+
+def test_unknown_algo_is_a_one_line_error(capsys):
+    import train
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_config(["--algo", "ppo"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "invalid choice: 'ppo'" in err and len(err.splitlines()) == 1
+
+
+def test_out_dir_with_a_run_is_refused_without_resume_or_overwrite(tiny_model_dir, tmp_path):
+    import train
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_model_dir, out, "--num_steps", "1"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(tiny_model_dir, out, "--num_steps", "1"))
+    assert "holds another run" in str(exit_info.value.code)
+    train.main(tiny_args(tiny_model_dir, out, "--num_steps", "1", "--overwrite"))
+    assert len([m for m in read_jsonl(out / "metrics.jsonl") if "reward" in m]) == 1
+
+
+def test_help_documents_every_option(capsys):
+    import dataclasses
+    import train
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    text = capsys.readouterr().out
+    for item in dataclasses.fields(train.Config):
+        assert f"--{item.name}" in text
+
+
+def test_beta_loads_reference_and_logs_kl(tiny_model_dir, tmp_path):
+    import train
+    train.main(tiny_args(tiny_model_dir, tmp_path / "run", "--num_steps", "2", "--beta", "0.1"))
+    steps = [m for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward" in m]
+    assert all("kl" in m and m["kl"] >= 0 for m in steps)
+    assert steps[-1]["kl"] > 0                   # the policy moved away from the reference after step 1
+
+
+def test_prompt_batches_are_deterministic_and_cover_the_dataset():
+    import train
+    records = [{"prompt": str(i)} for i in range(10)]
+    seen = [r["prompt"] for step in range(5) for r in train.prompt_batch(records, step, 2, seed=3)]
+    assert sorted(seen) == [str(i) for i in range(10)]           # one epoch = every record once
+    assert train.prompt_batch(records, 7, 2, seed=3) == train.prompt_batch(records, 7, 2, seed=3)
+
+
+# ===================================================================================================
+# 6. Evaluation
+# ===================================================================================================
+def test_pass_at_k_unbiased_estimator():
+    import eval as evaluation
+    assert evaluation.pass_at_k(10, 0, 1) == 0.0
+    assert evaluation.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert evaluation.pass_at_k(5, 2, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(5, 2))
+    assert evaluation.pass_at_k(5, 4, 2) == 1.0
+
+
+def test_eval_cli_writes_summary_and_per_problem_results(tiny_model_dir, tmp_path):
+    import eval as evaluation
+    out = tmp_path / "eval.json"
+    summary = evaluation.main(["--model", tiny_model_dir, "--benchmark", "math500", "--data_file",
+                               os.path.join(FIXTURES, "math500.jsonl"), "--num_samples", "2", "--temperature", "1.0",
+                               "--max_new_tokens", "5", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 3 and saved["k"] == 2 and 0.0 <= saved["accuracy"] <= 1.0 and "pass@2" in saved
+    assert saved == json.loads(json.dumps(summary))
+    rows = read_jsonl(out.with_suffix(".jsonl"))
+    assert len(rows) == 3 and all(len(r["completions"]) == 2 and len(r["correct"]) == 2 for r in rows)
+
+
+def test_evaluate_grades_by_the_benchmark_answer(tiny):
+    import eval as evaluation
+    model, tokenizer = tiny
+    records = [{"prompt": "1+1=", "answer": "2", "task": "math"}, {"prompt": "2+2=", "answer": "5", "task": "math"}]
+    fixed = lambda *args, **kwargs: types.SimpleNamespace(
+        completions=["so \\boxed{2}", "\\boxed{4}"], truncated=torch.tensor([False, False]),
+        completion_lengths=torch.tensor([3, 4]))
+    summary, results = evaluation.evaluate(model, tokenizer, records, generate_fn=fixed)
+    assert summary["accuracy"] == 0.5 and results[0]["extracted"] == ["2"] and results[1]["correct"] == [0.0]
+
+
+def test_qwen3_style_template_passes_enable_thinking():
+    tokenizer = toy.build_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}<|assistant|>"
+        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}")
+    thinking = rollout.format_prompts(tokenizer, ["1+1="])[0]
+    direct = rollout.format_prompts(tokenizer, ["1+1="], chat_template_kwargs={"enable_thinking": False})[0]
+    assert thinking == "<|user|>1+1=<|assistant|>"
+    assert direct == "<|user|>1+1=<|assistant|><think>\n\n</think>\n\n"
+
+
+# ===================================================================================================
+# 7. Rewards (rewards.py): extraction, equivalence, multiple choice, ROUGE-L, hostile input
+# ===================================================================================================
+# ---- where the answer is ------------------------------------------------------------------------------------
+def test_rewards_strip_thinking():
+    assert strip_thinking("<think>maybe 3</think>The answer is 4.") == "The answer is 4."
+    assert strip_thinking("a</think>b</think>c") == "c"  # the last </think> counts
+    assert strip_thinking("no tags at all") == "no tags at all"
+    assert strip_thinking("<think>cut off mid-thought") == ""  # opened, never closed: no answer
+    assert strip_thinking("<think>a</think>b<think>c") == ""  # reopened and never closed
+
+
+def test_rewards_extract_boxed_keeps_nested_braces():
+    assert extract_boxed(r"so $x = \boxed{\frac{1}{2}}$.") == r"\frac{1}{2}"
+    assert extract_boxed(r"\boxed{\left\{ 1, 2 \right\}}") == r"\left\{ 1, 2 \right\}"  # escaped braces ignored
+    assert extract_boxed(r"\boxed{}") == ""
+
+
+def test_rewards_extract_boxed_last_box_wins():
+    assert extract_boxed(r"first \boxed{1}, then \boxed{2}") == "2"
+    assert extract_boxed(r"\boxed{1} and \boxed{2") == "1"  # the last *complete* box
+    assert extract_boxed("no box here") is None
+
+
+def test_rewards_extract_boxed_fbox_and_bare_token():
+    assert extract_boxed(r"\fbox{42}") == "42"
+    assert extract_boxed(r"$\framebox{204}$ minutes") == "204"
+    assert extract_boxed(r"the answer is $\boxed 5$.") == "5"
+    assert extract_boxed(r"\boxed 7.") == "7"
+    assert extract_boxed(r"\boxedfoo{3}") is None  # another command, not a box
+
+
+def test_rewards_extract_boxed_unbalanced_is_none():
+    assert extract_boxed(r"\boxed{\frac{1}{2}") is None
+    assert extract_boxed(r"\boxed{") is None
+    assert extract_boxed("}}}}") is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\\boxed{" + "{" * 1_000_000,  # 1 MB, never closed
+        "\\boxed{" * 100_000,  # 100k unbalanced boxes (a per-box scan would be quadratic)
+        "\\boxed{" + "{" * 100_000 + "7" + "}" * 100_000 + "}",  # deep nesting (a recursive parser would overflow)
+        "x" * 1_000_000 + "\\boxed" + " " * 100_000,
+    ],
+)
+def test_rewards_extract_boxed_hostile_input_is_fast(text):
+    start = time.perf_counter()
+    result = extract_boxed(text)
+    assert time.perf_counter() - start < 1.0
+    assert result is None or result.startswith("{")
+
+
+# ---- is the answer right? -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        (r"$\boxed{\frac12}$", "0.5"),
+        (r"$\boxed{0.5}$", r"\dfrac{1}{2}"),
+        (r"$\boxed{\dfrac{1}{2}}$", r"\frac{1}{2}"),
+        (r"\boxed{25}", "025"),  # AIME answers: compare as integers
+        (r"\boxed{(3,\frac{\pi}{2})}", r"\left( 3, \frac{\pi}{2} \right)"),
+        (r"\boxed{\sqrt{18}}", r"3\sqrt{2}"),
+        (r"\boxed{C}", r"\text{(C)}"),
+        (r"\boxed{90}", r"90^\circ"),
+        (r"\boxed{p-q}", "p - q"),
+        (r"\boxed{\$70,000}", "70000"),
+        (r"\boxed{x = 5}", "5"),
+    ],
+)
+def test_rewards_accuracy_equivalent_forms(completion, answer):
+    assert accuracy_reward(completion, answer) == 1.0
+
+
+def test_rewards_accuracy_wrong_answer_is_zero():
+    assert accuracy_reward(r"\boxed{24}", "025") == 0.0
+    assert accuracy_reward(r"\boxed{\frac{1}{3}}", "0.5") == 0.0
+    assert accuracy_reward(r"\boxed{2\sqrt{3}}", r"3\sqrt{2}") == 0.0
+    assert accuracy_reward(r"\boxed{(3, \pi)}", r"\left( 3, \frac{\pi}{2} \right)") == 0.0
+
+
+def test_rewards_accuracy_grades_only_after_think():
+    assert accuracy_reward(r"<think>it is \boxed{5}</think> I am not sure.", "5") == 0.0
+    assert accuracy_reward(r"<think>it is \boxed{5}</think> \boxed{6}", "5") == 0.0
+    assert accuracy_reward(r"<think>it is \boxed{5}", "5") == 0.0  # never finished thinking
+    assert accuracy_reward(r"<think>maybe 6?</think> So the answer is $\boxed{5}$.", "5") == 1.0
+
+
+def test_rewards_accuracy_falls_back_to_plain_answer_without_box():
+    assert accuracy_reward("... so the answer is 14/3.", r"\frac{14}{3}") == 1.0
+    assert accuracy_reward("Therefore the final answer is 42.", "42") == 1.0
+    assert accuracy_reward("Therefore the final answer is 41.", "42") == 0.0
+
+
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        (None, "5"),
+        (r"\boxed{5}", None),
+        (r"\boxed{5}", ""),  # empty gold: never rewarded
+        (r"\boxed{}", "5"),
+        ("", "5"),
+        (12345, "5"),
+        (r"\boxed{\frac{}{}\sqrt[}{\left(}", "5"),
+        (r"\boxed{\begin{pmatrix} 1 & \\ \end{matrix}}", r"\frac{1}{2}"),
+        ("\\boxed{" + "\\frac{1}{" * 40 + "2" + "}" * 40 + "}", "5"),
+        (r"\boxed{9^{9^{9^{9}}}}", "3"),  # sympy would evaluate this power tower forever
+        ("so it is $9^{9^{9^{9}}}$", "3"),
+        (r"\boxed{999999^{999999}}", "3"),
+        (r"\boxed{(x+1)^{3000}}", "x^{3000}+1"),  # symbolic expansion of a huge power
+        (r"\boxed{(10!)!}", "3"),
+        ("\\boxed{" + "1+" * 400_000 + "1}", "5"),  # a huge boxed answer
+        ("garbage " * 100_000, "5"),
+    ],
+)
+def test_rewards_accuracy_never_raises_and_is_fast(completion, answer):
+    start = time.perf_counter()
+    assert accuracy_reward(completion, answer) == 0.0
+    assert time.perf_counter() - start < 3.0
+
+
+def test_rewards_accuracy_works_in_a_thread():
+    # math_verify's timeouts use SIGALRM, which only the main thread may use; graders often run in pools.
+    results = []
+    worker = threading.Thread(
+        target=lambda: results.extend(
+            [
+                accuracy_reward(r"\boxed{\frac12}", "0.5"),
+                accuracy_reward(r"\boxed{\sqrt{18}}", r"3\sqrt{2}"),
+                accuracy_reward("the answer is 14/3.", r"\frac{14}{3}"),
+                accuracy_reward(r"\boxed{7}", "0.5"),
+                accuracy_reward(r"\boxed{9^{9^{9^{9}}}}", "3"),
+            ]
+        )
+    )
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive()
+    assert results == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "completion, letter, expected",
+    [
+        (r"\boxed{B}", "B", 1.0),
+        (r"\boxed{\text{b}}", "B", 1.0),
+        (r"$\boxed{(C)}$", "c", 1.0),
+        ("Answer: D", "D", 1.0),
+        ("**Answer:** (a)", "A", 1.0),
+        ("so the answer is (B).", "B", 1.0),
+        (r"Answer: B. On reflection, \boxed{D}", "B", 0.0),  # the last one counts
+        (r"\boxed{D}. Final answer: B", "B", 1.0),
+        ("<think>Answer: A</think> I cannot decide.", "A", 0.0),  # only after </think>
+        ("The answer is a prime number.", "A", 0.0),  # English "a", not option (a)
+        (r"\boxed{E}", "E", 0.0),  # only A-D exist
+        ("Answer: C", "B", 0.0),
+        (None, "A", 0.0),
+    ],
+)
+def test_rewards_multiple_choice(completion, letter, expected):
+    assert multiple_choice_reward(completion, letter) == expected
+
+
+# ---- ROUGE-L ------------------------------------------------------------------------------------------------
+def test_rewards_rouge_identical_and_symbols_matter():
+    assert rouge_l_reward("x^2 + 1", "x^2 + 1") == pytest.approx(1.0)
+    assert rouge_l_reward("x^2 + 1", "x^2 - 1") < 1.0  # the stock tokenizer would call these identical
+    assert rouge_l_reward("x^2 \u2212 1", "x^2 - 1") == pytest.approx(1.0)  # unicode minus is a minus
+    assert rouge_l_reward("<think>scratch</think>So x = 2.", "So x = 2.") == pytest.approx(1.0)
+
+
+def test_rewards_rouge_empty_bounds_and_never_raises():
+    assert rouge_l_reward("", "x = 1") == 0.0
+    assert rouge_l_reward("x = 1", "") == 0.0
+    assert rouge_l_reward("x = 1", None) == 0.0
+    assert rouge_l_reward(None, "x = 1") == 0.0
+    assert rouge_l_reward("<think>x = 1", "x = 1") == 0.0  # unfinished thinking is not graded
+    for a, b in [("a b c", "c b a"), ("1 + 1 = 2", "so 1 + 1 is 2"), ("\\frac{1}{2}", "one half")]:
+        assert 0.0 <= rouge_l_reward(a, b) <= 1.0
+
+
+def test_rewards_rouge_long_inputs_are_capped():
+    long_text = "x + y = z, so z - x = y. " * 20_000  # ~260k tokens each
+    start = time.perf_counter()
+    score = rouge_l_reward(long_text, long_text[::-1])
+    assert time.perf_counter() - start < 3.0
+    assert 0.0 <= score <= 1.0
+
+
+# ---- the reward ---------------------------------------------------------------------------------------------
+def test_rewards_reward_combines_accuracy_and_rouge():
+    completion, reference = r"so 1 + 1 = 2, \boxed{2}", r"1 + 1 = 2, so \boxed{2}"
+    rouge = rouge_l_reward(completion, reference)
+    assert 0.0 < rouge < 1.0
+    out = reward(completion, "2", reference=reference, rouge_weight=0.1)
+    assert out["accuracy"] == 1.0 and out["rouge"] == pytest.approx(rouge)
+    assert out["reward"] == pytest.approx(1.0 + 0.1 * rouge)
+    wrong = reward(r"so 1 + 1 = 3, \boxed{3}", "2", reference=reference, rouge_weight=0.1)
+    assert wrong["accuracy"] == 0.0 and 0.0 < wrong["reward"] < 0.1  # ROUGE breaks ties, never beats a right answer
+    assert reward(completion, "2", reference=reference) == {"reward": 1.0, "accuracy": 1.0, "rouge": 0.0}
+    assert reward(completion, "2", reference=None, rouge_weight=0.5)["rouge"] == 0.0  # no reference, no ROUGE
+
+
+def test_rewards_reward_tasks_and_batch():
+    assert reward("Answer: C", "C", task="multiple_choice")["reward"] == 1.0
+    with pytest.raises(ValueError):
+        reward(r"\boxed{1}", "1", task="poetry")
+    outs = score_completions([r"\boxed{1}", r"\boxed{2}"], ["1", "1"], [None, "x"], rouge_weight=0.5)
+    assert [o["accuracy"] for o in outs] == [1.0, 0.0]
+    assert outs[0]["rouge"] == 0.0
+
+
+# ===================================================================================================
+# 8. Data (data.py): every loader on small invented fixtures (fixtures/), no network
+# ===================================================================================================
+def fixture(name: str) -> str:
+    return os.path.join(FIXTURES, name)
+
+
+def test_math500_fixture_records():
+    recs = data.load_benchmark("math500", data_file=fixture("math500.jsonl"))
+    assert len(recs) == 3
+    r = recs[0]
+    assert r["prompt"] == "What is $\\frac{3}{4} + \\frac{1}{8}$?\n" + data.MATH_INSTRUCTION
+    assert r["answer"] == "\\frac{7}{8}"
+    assert r["solution"].endswith("$\\boxed{\\frac{7}{8}}$.")
+    assert r["task"] == "math" and r["id"] == "test/prealgebra/9001.json"
+    assert [x["answer"] for x in recs] == ["\\frac{7}{8}", "6", "(2,2)"]
+
+
+def test_aime_fixtures_keep_answer_strings_and_accept_question_field(tmp_path):
+    a24 = data.load_benchmark("aime24", data_file=fixture("aime24.jsonl"))
+    assert [r["answer"] for r in a24] == ["401", "025", "333"]  # leading zero kept: the grader compares as integers
+    assert a24[1]["id"] == "902" and a24[1]["solution"].startswith("$100 = ")
+    a25 = data.load_benchmark("aime25", data_file=fixture("aime25.jsonl"))
+    assert [r["answer"] for r in a25] == ["12", "400", "120"] and all(r["solution"] is None for r in a25)
+    assert a25[2]["prompt"].startswith("Find $\\binom{10}{3}$.\n")
+    # opencompass/AIME2025 layout: "question" instead of "problem"
+    f = tmp_path / "aime25_oc.jsonl"
+    f.write_text(json.dumps({"question": "Compute $2+2$.", "answer": "4"}) + "\n")
+    (r,) = data.load_benchmark("aime25", data_file=str(f))
+    assert r["prompt"] == "Compute $2+2$.\n" + data.MATH_INSTRUCTION and r["answer"] == "4" and r["id"] == "aime25/0"
+
+
+def test_gsm8k_split_strips_calc_and_commas():
+    recs = data.load_benchmark("gsm8k", data_file=fixture("gsm8k.jsonl"))
+    assert [r["answer"] for r in recs] == ["14", "1234", "49"]
+    assert recs[1]["solution"] == "It has 1,000 + 234 = 1,234 pens."  # annotation gone, text commas kept
+    assert all("<<" not in r["solution"] and "####" not in r["solution"] for r in recs)
+    assert recs[0]["prompt"].startswith("Tom has 12 apples") and recs[0]["prompt"].endswith(data.MATH_INSTRUCTION)
+    assert data.split_gsm8k_answer("a <<1+1=2>>2\n#### -3,000.5") == ("a 2", "-3000.5")
+    train = data.load_train_dataset("gsm8k", data_file=fixture("gsm8k.jsonl"))
+    assert [r["answer"] for r in train] == ["14", "1234", "49"]
+
+
+def test_math_train_answer_is_last_boxed_with_nested_braces():
+    recs = data.load_train_dataset("math", data_file=fixture("math_train.jsonl"))
+    assert [r["answer"] for r in recs] == ["\\frac{1}{2}", "\\{1,2,3\\}", "120"]  # last box, nested braces, "\boxed 120"
+    assert recs[0]["solution"].startswith("We have") and recs[0]["prompt"].startswith("Simplify")
+    assert data.last_boxed("x \\boxed{a{b}c} y \\fbox{\\sqrt{2}} z") == "\\sqrt{2}"
+    assert data.last_boxed("\\boxed{1} then \\boxed{2") == "1"  # an unfinished last box is skipped
+    assert data.last_boxed("no box here") is None and data.last_boxed(None) is None
+
+
+def test_gpqa_shuffle_deterministic_and_letter_points_at_correct_option():
+    path = fixture("gpqa_diamond.jsonl")
+    recs = data.load_benchmark("gpqa_diamond", data_file=path)
+    rows = data.read_rows(path)
+    for r, row in zip(recs, rows):
+        assert r["task"] == "multiple_choice" and r["answer"] in "ABCD" and r["id"] == row["Record ID"]
+        lines = r["prompt"].split("\n")
+        assert lines[0] == row["Question"]
+        options = {line[0]: line[3:] for line in lines if len(line) > 2 and line[1:3] == ") "}
+        assert sorted(options) == ["A", "B", "C", "D"]
+        assert options[r["answer"]] == row["Correct Answer"].strip()  # the letter names the correct text
+        assert sorted(options.values()) == sorted(x.strip() for x in [row["Correct Answer"]] +
+                                                  [row[f"Incorrect Answer {k}"] for k in (1, 2, 3)])
+    random.seed(12345)  # the global RNG must not matter
+    again = data.load_benchmark("gpqa_diamond", data_file=path)
+    assert [r["prompt"] for r in again] == [r["prompt"] for r in recs]
+    assert len({r["answer"] for r in recs}) > 1  # the correct option is not always in the same place
+    other_seed = data.load_benchmark("gpqa_diamond", data_file=path, seed=1)
+    assert [r["prompt"] for r in other_seed] != [r["prompt"] for r in recs]
+
+
+def test_seed_from_is_stable_across_processes():
+    # a hard-coded value: Python's hash() would change with PYTHONHASHSEED, sha256 does not
+    assert data.seed_from("recFIXTURE000001", 0) == int.from_bytes(
+        __import__("hashlib").sha256(b"0:recFIXTURE000001").digest()[:8], "big")
+    assert data.seed_from("q", 0) != data.seed_from("q", 1)
+
+
+def test_missing_field_error_names_existing_fields(tmp_path):
+    f = tmp_path / "custom.jsonl"
+    f.write_text(json.dumps({"question": "What is 1+1?", "response": "2"}) + "\n")
+    with pytest.raises(data.DatasetFieldError) as e:
+        data.load_train_dataset(str(f), answer_field="answer")
+    msg = str(e.value)
+    assert "'answer'" in msg and "question" in msg and "response" in msg
+    assert isinstance(e.value, ValueError)
+    g = tmp_path / "nofields.jsonl"
+    g.write_text(json.dumps({"text": "hello", "label": "1"}) + "\n")
+    with pytest.raises(data.DatasetFieldError, match="text, label"):
+        data.load_train_dataset(str(g))
+    with pytest.raises(data.DatasetFieldError, match="Question.*id, problem, answer"):
+        data.load_benchmark("gpqa_diamond", data_file=fixture("aime25.jsonl"))
+
+
+def test_field_mapping_flags_and_boxed_derivation(tmp_path):
+    rows = [{"q": "Add 2 and 3.", "gt": "5", "why": "2+3=5"},
+            {"q": "Halve 1.", "gt": "\\frac12", "why": "It is \\frac12."}]
+    f = tmp_path / "custom.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = data.load_train_dataset(str(f), problem_field="q", answer_field="gt", solution_field="why")
+    assert recs[0] == {"prompt": "Add 2 and 3.\n" + data.MATH_INSTRUCTION, "answer": "5", "solution": "2+3=5",
+                       "task": "math", "id": "custom.jsonl/0"}
+    # no answer field: derived from the solution's last \boxed{}
+    g = tmp_path / "derive.json"
+    g.write_text(json.dumps([{"question": "Square 3.", "reasoning": "\\boxed{6} no, \\boxed{9}"}]))
+    (r,) = data.load_train_dataset("ignored-name", data_file=str(g))
+    assert r["answer"] == "9" and r["solution"] == "\\boxed{6} no, \\boxed{9}"
+
+
+def test_parquet_file(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    f = tmp_path / "custom.parquet"
+    pq.write_table(pa.table({"problem": ["One plus one?", "Two times two?"], "answer": ["2", "4"]}), str(f))
+    recs = data.load_train_dataset(str(f))
+    assert [r["answer"] for r in recs] == ["2", "4"] and recs[1]["prompt"].startswith("Two times two?")
+    assert [r["answer"] for r in data.load_benchmark("math500", data_file=str(f))] == ["2", "4"]
+
+
+def test_unknown_benchmark_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        data.load_benchmark("mmlu")
+    for name in ("math500", "aime24", "aime25", "gpqa_diamond", "gsm8k", "toy"):
+        assert name in str(e.value) and name in data.BENCHMARKS
+
+
+def test_limit_takes_first_n():
+    recs = data.load_benchmark("gsm8k", data_file=fixture("gsm8k.jsonl"), limit=2)
+    assert [r["answer"] for r in recs] == ["14", "1234"]
+    assert len(data.load_train_dataset("math", data_file=fixture("math_train.jsonl"), limit=1)) == 1
+    assert data.load_benchmark("aime24", data_file=fixture("aime24.jsonl"), limit=0) == []
+
+
+def test_hub_errors_are_clear(monkeypatch):
+    # a fake `datasets` module that fails like an offline / gated Hub, so no network is touched
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(data.DatasetLoadError) as e:
+        data.load_benchmark("math500")
+    assert "HuggingFaceH4/MATH-500" in str(e.value) and "--data_file" in str(e.value)
+    with pytest.raises(data.DatasetLoadError) as e:
+        data.load_benchmark("gpqa_diamond")
+    msg = str(e.value)
+    assert "https://huggingface.co/datasets/Idavidrein/gpqa" in msg and "HF_TOKEN" in msg and "--data_file" in msg
+    with pytest.raises(data.DatasetLoadError, match="not found"):
+        data.load_benchmark("math500", data_file="/nonexistent/file.jsonl")
+
+
+def test_hub_rows_go_through_the_same_builders(monkeypatch):
+    calls = []
+
+    def fake_load(dataset_id, config=None, split=None):
+        calls.append((dataset_id, config, split))
+        return [{"question": "Q?", "answer": "x = <<1+1=2>>2\n#### 2"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load))
+    (r,) = data.load_benchmark("gsm8k")
+    assert calls == [("openai/gsm8k", "main", "test")] and r["answer"] == "2" and r["solution"] == "x = 2"
+    data.load_train_dataset("owner/some_set:cfg", split="validation")
+    assert calls[-1] == ("owner/some_set", "cfg", "validation")
+
+
+def test_toy_records():
+    toy = pytest.importorskip("toy")
+    train = data.load_train_dataset("toy", limit=5, seed=0)
+    held = data.load_benchmark("toy", limit=4)
+    assert len(train) == 5 and len(held) == 4
+    for r in train + held:
+        assert isinstance(r["prompt"], str) and isinstance(r["answer"], str) and r["task"] == "math"
+    assert [r["prompt"] for r in train] == [r["prompt"] for r in data.load_train_dataset("toy", limit=5, seed=0)]
+    assert toy is not None
