@@ -29,6 +29,7 @@ import torch
 
 import toy
 from rollout import FastGenerator, SamplingConfig, token_logprobs
+from train import enable_checkpointing
 
 QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
@@ -161,7 +162,7 @@ def main(argv=None):
 
     # --- update: forward + backward + AdamW, float32 master weights -----------------------------------------
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 

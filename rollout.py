@@ -341,6 +341,16 @@ def _backbone_and_head(model):
     return backbone, head
 
 
+def _used_columns(attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> tuple[int, int]:
+    """(first column with a real token in any row, number of completion columns with a real token in any row)."""
+    prompt_length = attention_mask.shape[1] - completion_mask.shape[1]
+    real_prompt_columns = attention_mask[:, :prompt_length].any(dim=0)
+    first = int(real_prompt_columns.int().argmax()) if bool(real_prompt_columns.any()) else prompt_length
+    real_completion_columns = completion_mask.any(dim=0).nonzero()
+    used = int(real_completion_columns.max()) + 1 if real_completion_columns.numel() else 0
+    return first, used
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
                    temperature: float = 1.0, micro_batch_size: int | None = None,
                    return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -352,9 +362,11 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     The token at position t is predicted by the hidden state at t − 1: states[:, P−1 : P+T−1] score
     ids[:, P : P+T]. Positions are counted from each row's first real token (left padding must not shift
-    RoPE), exactly as `generate` does. The vocabulary projection runs only on real completion tokens,
-    LOGIT_CHUNK_TOKENS at a time, so no (B, T, V) float32 tensor ever exists; under autograd each chunk is
-    recomputed in the backward pass (activation checkpointing) instead of keeping its float32 logits alive.
+    RoPE), exactly as `generate` does. Columns that are padding in every row of a micro-batch are not
+    computed (sort rows by length first to make the most of it). The vocabulary projection runs only on
+    real completion tokens, LOGIT_CHUNK_TOKENS at a time, so no (B, T, V) float32 tensor ever exists;
+    under autograd each chunk is recomputed in the backward pass (activation checkpointing) instead of
+    keeping its float32 logits alive.
     """
     B, T = completion_mask.shape
     micro_batch_size = micro_batch_size or B
@@ -363,15 +375,22 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     logps_pieces, entropy_pieces = [], []
     for start in range(0, B, micro_batch_size):
         rows = slice(start, start + micro_batch_size)
-        inputs = dict(input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=position_ids[rows])
-        if backbone is not None:
-            states = backbone(**inputs).last_hidden_state[:, -T - 1:-1]            # (b, T, H)
+        # Trim the columns that are padding in every row of this micro-batch (left padding before the longest
+        # prompt, completion columns after the last EOS): they would cost compute and change nothing.
+        first, used = _used_columns(attention_mask[rows], completion_mask[rows])
+        end = input_ids.shape[1] - T + used
+        inputs = dict(input_ids=input_ids[rows, first:end], attention_mask=attention_mask[rows, first:end],
+                      position_ids=position_ids[rows, first:end])
+        if used == 0:                                                               # nothing to score
+            states, project = torch.zeros(0, device=input_ids.device), torch.nn.Identity()
+        elif backbone is not None:
+            states = backbone(**inputs).last_hidden_state[:, -used - 1:-1]         # (b, used, H)
             project = head
         else:   # plain path: the model's own (post-processed) logits, then the same math
-            states = model(**inputs, logits_to_keep=T + 1).logits[:, :-1]          # (b, T, V)
+            states = model(**inputs, logits_to_keep=used + 1).logits[:, :-1]       # (b, used, V)
             project = torch.nn.Identity()
-        mask = completion_mask[rows].bool()                                         # (b, T)
-        states, targets = states[mask], input_ids[rows, -T:][mask]                  # (N, H), (N,): real tokens only
+        mask = completion_mask[rows, :used].bool()                                  # (b, used)
+        states, targets = states[mask], input_ids[rows, -T:][:, :used][mask]        # (N, H), (N,): real tokens only
         flat_logps, flat_entropy = [], []
         for chunk in range(0, targets.shape[0], LOGIT_CHUNK_TOKENS):
             piece = slice(chunk, chunk + LOGIT_CHUNK_TOKENS)
@@ -382,9 +401,10 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 chunk_logps, chunk_entropy = _logprobs_and_entropy(states[piece], project, targets[piece], temperature)
             flat_logps.append(chunk_logps)
             flat_entropy.append(chunk_entropy.detach())
-        zeros = torch.zeros(mask.shape, device=input_ids.device)
         # Scatter the real-token values back into (b, T), out of place so autograd sees every piece.
-        logps_pieces.append(zeros.masked_scatter(mask, torch.cat(flat_logps)) if flat_logps else zeros)
-        entropy_pieces.append(zeros.masked_scatter(mask, torch.cat(flat_entropy)) if flat_entropy else zeros)
+        full_mask = torch.nn.functional.pad(mask, (0, T - used))                   # (b, T)
+        zeros = torch.zeros(full_mask.shape, device=input_ids.device)
+        logps_pieces.append(zeros.masked_scatter(full_mask, torch.cat(flat_logps)) if flat_logps else zeros)
+        entropy_pieces.append(zeros.masked_scatter(full_mask, torch.cat(flat_entropy)) if flat_entropy else zeros)
     logps = torch.cat(logps_pieces, dim=0)                                          # (B, T)
     return (logps, torch.cat(entropy_pieces, dim=0)) if return_entropy else logps

@@ -591,6 +591,22 @@ def test_beta_loads_reference_and_logs_kl(tiny_model_dir, tmp_path):
     assert steps[-1]["kl"] > 0                   # the policy moved away from the reference after step 1
 
 
+def test_llm_preset_runs_offline_on_local_files(tiny_model_dir, tmp_path, capsys):
+    """The real-run path (`--model PATH`: MATH-style data, gradient checkpointing, micro-batches, MATH-500
+    evaluation) through local files, as a user without network would run it."""
+    import train
+    out = tmp_path / "run"
+    train.main(["--model", tiny_model_dir, "--out_dir", str(out), "--data_file", os.path.join(FIXTURES, "math_train.jsonl"),
+                "--eval_data_file", os.path.join(FIXTURES, "math500.jsonl"), "--num_steps", "1",
+                "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "6", "--plot", "false"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == "math" and config["gradient_checkpointing"] and config["lr"] == 1e-6
+    assert config["eval_benchmark"] == "math500"
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert metrics[0]["eval/n"] == 3 and any("reward" in m for m in metrics)
+    assert "memory estimate (GiB)" in capsys.readouterr().out
+
+
 def test_prompt_batches_are_deterministic_and_cover_the_dataset():
     import train
     records = [{"prompt": str(i)} for i in range(10)]
@@ -602,6 +618,15 @@ def test_prompt_batches_are_deterministic_and_cover_the_dataset():
 # ===================================================================================================
 # 6. Evaluation
 # ===================================================================================================
+def test_bench_tiny_reports_every_phase(capsys):
+    import bench
+    result = bench.main(["--shape", "tiny", "--num_sequences", "4", "--prompt_len", "6", "--max_new_tokens", "8"])
+    for key in ("rollout_plain_tokens_per_s", "rollout_fast_tokens_per_s", "logprobs_tokens_per_s",
+                "update_tokens_per_s", "peak_memory_gib"):
+        assert result[key] > 0, key
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result     # JSON on the last line
+
+
 def test_pass_at_k_unbiased_estimator():
     import eval as evaluation
     assert evaluation.pass_at_k(10, 0, 1) == 0.0

@@ -202,6 +202,37 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, under the name this transformers version uses."""
+    if hasattr(model, "activation_checkpointing_enable"):        # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def restore_trainer_state(checkpoint: Path, optimizer, scheduler, generator) -> int:
+    """Load optimizer, scheduler and every RNG from a checkpoint; return its step."""
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    generator.set_state(state["update_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"]
+
+
+def forget_logs_after(out_dir: Path, step: int) -> None:
+    """On resume, drop what the old run logged after its checkpoint (and the evaluation that closed it)."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = out_dir / name
+        if path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r["step"] < step or (r["step"] == step and "reward" in r)]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
 def save_model(path: Path, policy, tokenizer) -> None:
     policy.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -227,13 +258,28 @@ def learning_rate_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / max(warmup_steps, 1))
 
 
-def memory_estimate_gib(policy, config: Config, has_reference: bool) -> dict:
-    """Rough bytes for weights and optimizer: float32 master (4) + grad (4) + AdamW moments (8) per parameter."""
+def memory_estimate_gib(policy, config: Config, has_reference: bool, on_gpu: bool) -> dict:
+    """A rough budget printed at start, so a run that cannot fit says so before the first rollout.
+
+    float32 master weights (4 B/param) + gradients (4) + AdamW moments (8); on GPU a bf16 copy for
+    generation (2) and a bf16 reference (2, when β > 0); the KV cache of one generation batch.
+    Activations depend on micro_batch_size and gradient checkpointing and are not included.
+    """
     params = sum(p.numel() for p in policy.parameters())
     gib = 2 ** 30
-    estimate = {"parameters": params, "weights+grads+adam_gib": round(params * 16 / gib, 2)}
+    estimate = {"parameters_billion": round(params / 1e9, 3), "weights_grads_adam": params * 16 / gib}
+    if on_gpu:
+        estimate["generation_copy"] = params * 2 / gib
     if has_reference:
-        estimate["reference_gib"] = round(params * 2 / gib, 2)
+        estimate["reference"] = params * (2 if on_gpu else 4) / gib
+    model_config = policy.config
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    sequences = min(config.generation_batch_size, config.prompts_per_step * config.group_size)
+    tokens = sequences * (config.max_new_tokens + 512)                    # + a typical prompt
+    estimate["kv_cache"] = tokens * model_config.num_hidden_layers * 2 * kv_heads * head_dim * (2 if on_gpu else 4) / gib
+    estimate = {key: round(value, 2) if isinstance(value, float) else value for key, value in estimate.items()}
+    estimate["total_gib_without_activations"] = round(sum(v for k, v in estimate.items() if k != "parameters_billion"), 1)
     return estimate
 
 
@@ -274,44 +320,27 @@ def train(config: Config) -> dict:
     policy, tokenizer = load_model(str(checkpoint) if checkpoint else config.model, device, torch.float32,
                                    config.trust_remote_code, log=log)
     if config.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        policy.config.use_cache = False
+        enable_checkpointing(policy)
     reference = None
-    if config.beta > 0:     # frozen copy of the starting policy (bf16 on GPU: it is only ever evaluated)
-        reference = copy.deepcopy(policy).requires_grad_(False).eval()
-        if checkpoint:      # on resume the reference is the *initial* policy, not the checkpoint
-            reference, _ = load_model(str(out_dir / "initial"), device, torch.float32, config.trust_remote_code, log=log)
-            reference.requires_grad_(False).eval()
-        if autocast_dtype:
-            reference.to(autocast_dtype)
+    if config.beta > 0:     # a frozen copy of the *starting* policy (on resume: initial/, not the checkpoint)
+        reference = load_model(str(out_dir / "initial"), device, torch.float32, config.trust_remote_code, log=log)[0] \
+            if checkpoint else copy.deepcopy(policy)
+        reference.requires_grad_(False).eval().to(autocast_dtype or torch.float32)   # bf16 on GPU: never trained
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config.warmup_steps))
     generator = torch.Generator().manual_seed(config.seed)     # shuffles rows into mini-batches
     start_step = 0
     if checkpoint:
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        generator.set_state(state["update_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start_step = state["step"]
-        for name in ("metrics.jsonl", "samples.jsonl"):   # forget what was logged after the checkpoint
-            path = out_dir / name
-            if path.exists():
-                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                # keep the training rows up to the checkpoint, not the evaluation that closed the old run
-                kept = [r for r in rows if r["step"] < start_step or (r["step"] == start_step and "reward" in r)]
-                path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        start_step = restore_trainer_state(checkpoint, optimizer, scheduler, generator)
+        forget_logs_after(out_dir, start_step)
         log(f"Resuming from {checkpoint} at step {start_step}")
     else:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
         for name in ("metrics.jsonl", "samples.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
         save_model(out_dir / "initial", policy, tokenizer)
-    log(f"Policy: {config.model} on {device}; memory estimate {memory_estimate_gib(policy, config, reference is not None)}")
+    log(f"Policy: {config.model} on {device}; memory estimate (GiB): "
+        f"{memory_estimate_gib(policy, config, reference is not None, device.type == 'cuda')}")
 
     sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
                               batch_size=config.generation_batch_size)
@@ -410,6 +439,9 @@ def train(config: Config) -> dict:
                 for mini_batch in order.chunk(config.mini_batches):
                     optimizer.zero_grad(set_to_none=True)
                     full_mask = loss_mask[mini_batch]
+                    # Rows of similar length share micro-batches, so less padding is computed (the
+                    # gradient is a sum over rows: their order does not change it).
+                    mini_batch = mini_batch[completion_mask[mini_batch].sum(1).argsort()]
                     for micro in mini_batch.split(config.micro_batch_size or B):
                         with autocast():
                             logps = token_logprobs(policy, input_ids[micro], attention_mask[micro], completion_mask[micro],
