@@ -35,6 +35,18 @@ class ModelLoadError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------
+def is_local_path(name: str) -> bool:
+    """A Hub name is "owner/model" (or a bare legacy name); anything else is meant as a local folder."""
+    name = os.path.expanduser(name)
+    return os.path.exists(name) or name.startswith((".", "/")) or name.count("/") > 1
+
+
+def check_model_name(name: str) -> None:
+    """Fail at once (before any data or weights load) on a local model folder that does not exist."""
+    if name != "toy" and is_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise ModelLoadError(f"model folder not found: {name}")
+
+
 def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                trust_remote_code: bool = False, log=print):
     """(model, tokenizer) from "toy" (the cached warm-started tiny model), a local folder, or a Hub name.
@@ -48,10 +60,8 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
         import toy
         name = str(toy.warm_started_model_dir(log=log))
     name = os.path.expanduser(name)
-    # A Hub name is "owner/model" (or a bare legacy name); anything else is meant as a local folder.
-    looks_local = os.path.exists(name) or name.startswith((".", "/")) or name.count("/") > 1
-    if looks_local and not os.path.isdir(name):
-        raise ModelLoadError(f"model folder not found: {name}")
+    check_model_name(name)
+    looks_local = is_local_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
@@ -178,6 +188,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
+        check_model_name(args.model)
         records = data.load_benchmark(args.benchmark, data_file=args.data_file, limit=args.limit, seed=args.seed)
         model, tokenizer = load_model(args.model, device, torch.float32 if device.type == "cpu" else torch.bfloat16,
                                       args.trust_remote_code, log=lambda message: print(message, file=sys.stderr))

@@ -20,6 +20,7 @@ Per-token log-probs (`token_logprobs`) are computed from logits divided by the s
 those are the probabilities the tokens were actually sampled with, which the PPO ratio must use.
 """
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -306,7 +307,14 @@ class FastGenerator:
             if t == T - 1 or ((t + 1) % self.check_every == 0 and bool(finished.all())):
                 return tokens[:, : t + 1], sampling_logps[:, : t + 1]
             attention_mask[:, P + t] = 1
-            logits = step(token[:, None], attention_mask, next_position, cache)
+            try:
+                logits = step(token[:, None], attention_mask, next_position, cache)
+            except Exception as error:      # a compiler problem must not end a training run: decode eagerly
+                if step is self._step:
+                    raise
+                warnings.warn(f"compiled decoding failed ({type(error).__name__}: {error}); decoding eagerly")
+                self.compile, step = False, self._step
+                logits = step(token[:, None], attention_mask, next_position, cache)
             next_position = next_position + 1
         return tokens, sampling_logps
 

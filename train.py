@@ -36,7 +36,7 @@ from tqdm import tqdm
 import data
 import lambdapo
 import rewards
-from eval import ModelLoadError, OneLineErrorParser, evaluate, load_model
+from eval import ModelLoadError, OneLineErrorParser, check_model_name, evaluate, load_model
 from rollout import FastGenerator, SamplingConfig, generate, token_logprobs
 
 
@@ -95,7 +95,7 @@ class Config:
     micro_batch_size: int = option(None, "sequences per forward/backward (gradient accumulation; preset: all toy, 8 LLM)")
     gradient_checkpointing: bool = option(None, "recompute activations in backward to save memory (preset: off toy, on LLM)")
     # evaluation, logging, checkpoints
-    eval_every: int = option(None, "evaluate every N steps, 0 = only before and after training (preset: 0 toy, 50 LLM)")
+    eval_every: int = option(None, "evaluate every N steps, 0 = only before and after training (preset: 20 toy, 50 LLM)")
     eval_benchmark: str = option(None, "benchmark for evaluation during training, or none (preset: toy | math500)")
     eval_data_file: str = option(None, "read the evaluation benchmark from this local file instead of the Hub")
     eval_limit: int = option(None, "problems per evaluation (preset: 200 toy, 100 LLM)")
@@ -113,7 +113,7 @@ class Config:
 
 PRESETS = {
     "toy": dict(dataset="toy", prompts_per_step=16, max_new_tokens=48, num_steps=80, lr=5e-5, warmup_steps=10,
-                mini_batches=4, micro_batch_size=None, gradient_checkpointing=False, eval_every=0,
+                mini_batches=4, micro_batch_size=None, gradient_checkpointing=False, eval_every=20,
                 eval_benchmark="toy", eval_limit=200, save_every=20),
     "llm": dict(dataset="math", prompts_per_step=32, max_new_tokens=1024, num_steps=500, lr=1e-6, warmup_steps=10,
                 mini_batches=2, micro_batch_size=8, gradient_checkpointing=True, eval_every=50,
@@ -168,6 +168,10 @@ def check_config(config: Config) -> None:
         raise ConfigError("--temperature must be > 0 for training (RL needs sampled completions)")
     if not config.tau > 0:
         raise ConfigError("--tau must be > 0 (use inf for RLOO)")
+    check_model_name(config.model)
+    for name in ("data_file", "eval_data_file"):
+        if getattr(config, name) and not os.path.isfile(getattr(config, name)):
+            raise ConfigError(f"--{name} {getattr(config, name)}: no such file")
     out_dir = Path(config.out_dir)
     has_run = (out_dir / "config.json").exists() or any(out_dir.glob("checkpoint-*"))
     if has_run and not (config.resume or config.overwrite):
