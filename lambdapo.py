@@ -44,6 +44,8 @@ def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float
     tensor([[ 0.5000, -0.5000, -0.5000,  0.5000]])
     """
     rewards = rewards.float()                                             # (num_prompts, G)
+    if rewards.shape[1] < 2:
+        raise ValueError(f"group-relative advantages need at least 2 completions per prompt, got G={rewards.shape[1]}")
     centred = rewards - rewards.mean(dim=1, keepdim=True)                 # (num_prompts, G)
     if not scale_by_std:
         return centred
@@ -84,8 +86,8 @@ def pairwise_advantages(rewards: torch.Tensor, seq_logps: torch.Tensor, tau: flo
     >>> pairwise_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), torch.zeros(1, 4), tau=float("inf"))
     tensor([[ 0.6667, -0.6667, -0.6667,  0.6667]])
 
-    `scale_by_std` (off by default, DESIGN.md §1) divides each group's advantages by its reward std, as
-    GRPO does; a zero-std group stays at zero.
+    `scale_by_std` (off by default, DESIGN.md §1) divides each group's advantages by its reward std + 1e-6,
+    as GRPO does; a zero-std group stays at zero.
     """
     rewards = rewards.float()                                             # (num_prompts, G)
     G = rewards.shape[1]
@@ -94,9 +96,8 @@ def pairwise_advantages(rewards: torch.Tensor, seq_logps: torch.Tensor, tau: flo
     reward_gaps = rewards[:, :, None] - rewards[:, None, :]               # r_i − r_j (num_prompts, G, G); 0 on i = j
     weights = confidence_weights(rewards, seq_logps, tau)                 # w_ij      (num_prompts, G, G)
     advantages = (reward_gaps * weights).sum(dim=2) / (G - 1)             # (num_prompts, G)
-    if scale_by_std:
-        std = rewards.std(dim=1, keepdim=True)
-        advantages = torch.where(std > 0, advantages / std.clamp_min(1e-6), torch.zeros_like(advantages))
+    if scale_by_std:                                                      # as GRPO: unbiased std + eps
+        advantages = advantages / (rewards.std(dim=1, keepdim=True) + 1e-6)   # a zero-std group is 0 / eps = 0
     return advantages
 
 

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -92,6 +93,13 @@ def test_pairwise_advantages_small_worked_example():
     advantages = pairwise_advantages(torch.tensor([[1.0, 0.0]]), torch.tensor([[-2.0, -1.0]]))
     assert advantages[0, 0].item() == pytest.approx(2 * sigmoid(1.0), abs=1e-6)
     assert advantages[0, 1].item() == pytest.approx(-2 * sigmoid(1.0), abs=1e-6)
+
+
+def test_pairwise_scale_by_std_divides_by_the_group_std():
+    rewards, seq_logps = torch.tensor([[1.0, 0.0, 0.0, 0.5]]), torch.tensor([[-1.0, -0.2, -3.0, -0.7]])
+    std = statistics.stdev([1.0, 0.0, 0.0, 0.5])          # unbiased (n − 1), as GRPO, TRL and verl
+    torch.testing.assert_close(pairwise_advantages(rewards, seq_logps, scale_by_std=True),
+                               pairwise_advantages(rewards, seq_logps) / (std + 1e-6))
 
 
 def test_pairwise_advantages_sum_to_zero_per_group():
