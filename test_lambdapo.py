@@ -460,6 +460,20 @@ def test_toy_heldout_is_fixed_and_disjoint_from_training():
     assert all(toy.is_heldout(*map(int, r["prompt"][:-1].split("+"))) for r in heldout)
 
 
+def test_toy_warm_start_is_cached_and_loadable(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    monkeypatch.setenv("LAMBDAPO_CACHE", str(tmp_path))
+    calls = []
+    real_warm_start = toy.warm_start
+    monkeypatch.setattr(toy, "warm_start", lambda *a, **k: calls.append(1) or real_warm_start(*a, **k))
+    path = toy.warm_started_model_dir(log=lambda message: None, steps=2, batch_size=4, warmup=1)
+    assert toy.warm_started_model_dir(log=lambda message: None, steps=2, batch_size=4, warmup=1) == path
+    assert len(calls) == 1                                       # the second call used the cache
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]   # no temporary folder left behind
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    assert model.config.vocab_size == len(tokenizer) and tokenizer.pad_token_id == tokenizer.eos_token_id
+
+
 # ===================================================================================================
 # 5. The training loop, end to end on CPU
 # ===================================================================================================
@@ -548,6 +562,25 @@ def test_ctrl_c_finishes_the_step_saves_and_exits(tiny_model_dir, tmp_path, monk
     assert (out / "checkpoint-2" / "trainer_state.pt").exists()
     assert not (out / "final").exists()
     assert torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=False)["step"] == 2
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    import train
+    real_loss = lambdapo.clipped_policy_loss
+    calls = {"n": 0}
+
+    def loss_that_turns_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss, stats = real_loss(*args, **kwargs)
+        return (loss * float("nan"), stats) if calls["n"] > 6 else (loss, stats)   # 4 micro-batches a step: step 2
+
+    monkeypatch.setattr(lambdapo, "clipped_policy_loss", loss_that_turns_nan)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(tiny_model_dir, out, "--num_steps", "3", "--save_every", "1"))
+    message = str(exit_info.value.code)
+    assert "non-finite loss" in message and "checkpoint-1" in message and "\n" not in message
+    assert (out / "checkpoint-1" / "trainer_state.pt").exists()
 
 
 @pytest.mark.parametrize("extra, message", [

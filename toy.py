@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -240,13 +241,13 @@ def warm_started_model_dir(log=print, **overrides) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     log(f"Warm-starting the toy model (once; cached in {path}) ...")
-    torch_threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".warm-start-"))
+    try:
         warm_start(tmp, log=log, **settings)
-        try:
-            os.replace(tmp, path)
-        except OSError:                      # another process finished first: keep theirs
-            pass
-        os.makedirs(tmp, exist_ok=True)      # TemporaryDirectory expects to clean something up
-    torch.set_num_threads(torch_threads)
+        os.replace(tmp, path)                # atomic: the cache entry is complete or absent
+    except OSError:
+        if not (path / "config.json").exists():
+            raise                            # (otherwise another process finished first: keep theirs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path

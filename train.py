@@ -514,6 +514,9 @@ def train(config: Config) -> dict:
                 last_saved = step
             if stop_requested:
                 break
+    except FloatingPointError as error:      # no optimizer step ever applies a non-finite gradient
+        raise FloatingPointError(f"{error}. The weights were not updated with it; the last checkpoint is "
+                                 f"{latest_checkpoint(out_dir)} (continue with --resume, perhaps with a lower --lr)")
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous_handler)
