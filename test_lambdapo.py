@@ -542,6 +542,21 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
         torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-5)
 
 
+def test_setup_randomness_does_not_change_the_run(tiny_model_dir, tmp_path, monkeypatch):
+    """A cold cache (the toy warm start runs in-process and draws random numbers) must give the same run
+    as a warm one."""
+    import train
+    train.main(tiny_args(tiny_model_dir, tmp_path / "a"))
+    real_load_model = train.load_model
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: (torch.rand(1000), random.random(), real_load_model(*a, **k))[-1])
+    train.main(tiny_args(tiny_model_dir, tmp_path / "b"))
+    rewards_a = [m["reward"] for m in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "reward" in m]
+    rewards_b = [m["reward"] for m in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "reward" in m]
+    assert rewards_a == rewards_b
+    samples_a = read_jsonl(tmp_path / "a" / "samples.jsonl")
+    assert samples_a == read_jsonl(tmp_path / "b" / "samples.jsonl")
+
+
 def test_ctrl_c_finishes_the_step_saves_and_exits(tiny_model_dir, tmp_path, monkeypatch):
     import rewards
     import train

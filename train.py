@@ -302,8 +302,6 @@ def train(config: Config) -> dict:
     if config.overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Float32 master weights everywhere; on CUDA the matmuls run in bf16 under autocast.
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -330,6 +328,10 @@ def train(config: Config) -> dict:
         reference = load_model(str(out_dir / "initial"), device, torch.float32, config.trust_remote_code, log=log)[0] \
             if checkpoint else copy.deepcopy(policy)
         reference.requires_grad_(False).eval().to(autocast_dtype or torch.float32)   # bf16 on GPU: never trained
+    # Seed only now: whatever setup did (a warm start on a cold cache, weight initialisation before loading)
+    # must not change the samples, so a run is the same whether or not its model was cached.
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config.warmup_steps))
     generator = torch.Generator().manual_seed(config.seed)     # shuffles rows into mini-batches
