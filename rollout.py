@@ -69,11 +69,6 @@ class Rollout:
     def completion_lengths(self) -> torch.Tensor:       # (B,)
         return self.completion_mask.sum(dim=1)
 
-    def rows(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
-        """The tensors of a subset of rows (a micro-batch), for token_logprobs and the loss."""
-        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
-                "completion_mask": self.completion_mask[index]}
-
 
 # ---------------------------------------------------------------------------------------------------
 # Prompts

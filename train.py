@@ -135,13 +135,11 @@ def parse_config(argv=None) -> Config:
                "seq_logp": ["mean", "sum"], "rollout_engine": ["auto", "fast", "plain"], "scale_by_std": ["auto", "true", "false"],
                "eval_benchmark": list(data.BENCHMARKS) + ["none"]}
     for item in dataclasses.fields(Config):
-        kind = {"int": int, "float": float, "str": str, "bool": parse_bool}[item.type if isinstance(item.type, str)
-                                                                             else item.type.__name__]
-        default = "" if item.default is None else f" (default: {item.default})"
-        parser.add_argument(f"--{item.name}", type=kind, default=item.default, choices=choices.get(item.name),
-                            metavar=item.type.upper() if isinstance(item.type, str) else item.type.__name__.upper(),
-                            nargs="?" if kind is parse_bool else None, const=True if kind is parse_bool else None,
-                            help=item.metadata["help"] + default)
+        is_flag = item.type is bool                     # --resume, --resume true, --resume false
+        parser.add_argument(f"--{item.name}", type=parse_bool if is_flag else item.type, default=item.default,
+                            choices=choices.get(item.name), metavar=item.type.__name__.upper(),
+                            nargs="?" if is_flag else None, const=True if is_flag else None,
+                            help=item.metadata["help"] + ("" if item.default is None else f" (default: {item.default})"))
     config = Config(**vars(parser.parse_args(argv)))
     preset = PRESETS["toy" if config.model == "toy" else "llm"]
     for name, value in preset.items():
