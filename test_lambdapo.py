@@ -601,6 +601,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_model_d
 @pytest.mark.parametrize("extra, message", [
     (["--group_size", "1"], "group_size must be at least 2"),
     (["--model", "/no/such/model"], "model folder not found"),
+    (["--model", os.path.dirname(os.path.abspath(__file__))], "could not load local folder"),   # no config.json
 ])
 def test_bad_input_gives_one_line_error(tiny_model_dir, tmp_path, capsys, extra, message):
     import train
