@@ -84,25 +84,15 @@ def seed_from(key: Any, seed: int = 0) -> int:
 def last_boxed(text: str | None) -> str | None:
     """Content of the last complete \\boxed{...} / \\fbox{...} in text, nested braces kept; None if none.
 
+    The grader's own extractor (rewards.extract_boxed), so a dataset's answer and a completion's answer are
+    read the same way; imported here, on first use, to keep `import data` light (no sympy).
     "\\boxed{\\frac{1}{2}}" -> "\\frac{1}{2}". Also "\\boxed 2" (no braces, seen twice in MATH) -> "2".
     """
     if not text:
         return None
-    ends = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)", text)]
-    for i in reversed(ends):  # i: just after "\boxed" / "\fbox"; the last complete one wins
-        if text.startswith(" ", i):  # "\boxed 2$": the next token
-            token = re.match(r"\s*([^\s$]+)", text[i:])
-            if token and token.group(1).rstrip(".,;"):
-                return token.group(1).rstrip(".,;")  # "\boxed 120." -> "120"
-            continue
-        if not text.startswith("{", i):
-            continue
-        depth = 0
-        for j in range(i, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                return text[i + 1 : j]
-    return None
+    from rewards import extract_boxed
+
+    return extract_boxed(text)
 
 
 def split_gsm8k_answer(text: str) -> tuple[str, str]:
