@@ -25,7 +25,7 @@ import torch
 
 import data
 import rewards
-from rollout import FastGenerator, SamplingConfig, generate
+from rollout import SamplingConfig, generate, make_engine
 
 
 class ModelLoadError(RuntimeError):
@@ -200,8 +200,7 @@ def main(argv=None):
                               max_new_tokens=args.max_new_tokens or (48 if args.benchmark == "toy" else 4096),
                               do_sample=temperature > 0, batch_size=args.batch_size)
     chat_template_kwargs = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking}
-    use_fast = args.engine == "fast" or (args.engine == "auto" and device.type == "cuda")
-    engine = FastGenerator(model, compile=True) if use_fast else None
+    engine = make_engine(args.engine, model)
     summary, results = evaluate(model, tokenizer, records, args.num_samples, sampling, chat_template_kwargs,
                                 engine=engine)
     summary.update(model=args.model, benchmark=args.benchmark, data_file=args.data_file, device=str(device),

@@ -314,6 +314,12 @@ class FastGenerator:
         return tokens, sampling_logps
 
 
+def make_engine(choice: str, model, compile: bool = True) -> FastGenerator | None:
+    """`--rollout_engine` / `--engine`: "fast", "plain" (None: model.generate), or "auto" (fast on CUDA only)."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return FastGenerator(model, compile=compile) if choice == "fast" or (choice == "auto" and on_cuda) else None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Per-token log-probabilities
 # ---------------------------------------------------------------------------------------------------

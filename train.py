@@ -37,7 +37,7 @@ import data
 import lambdapo
 import rewards
 from eval import ModelLoadError, OneLineErrorParser, check_model_name, evaluate, load_model
-from rollout import FastGenerator, SamplingConfig, generate, token_logprobs
+from rollout import SamplingConfig, generate, make_engine, token_logprobs
 
 
 # ===================================================================================================
@@ -350,8 +350,7 @@ def train(config: Config) -> dict:
                               batch_size=config.generation_batch_size)
     eval_sampling = SamplingConfig(do_sample=False, max_new_tokens=config.eval_max_new_tokens,
                                    batch_size=config.generation_batch_size)
-    use_fast = config.rollout_engine == "fast" or (config.rollout_engine == "auto" and device.type == "cuda")
-    engine = FastGenerator(policy, compile=config.compile_rollout) if use_fast else None
+    engine = make_engine(config.rollout_engine, policy, compile=config.compile_rollout)   # None: model.generate
     template_kwargs = {"enable_thinking": config.enable_thinking} if "qwen3" in config.model.lower() or \
         "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "") else {}
     scale_by_std = None if config.scale_by_std == "auto" else config.scale_by_std == "true"
