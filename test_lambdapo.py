@@ -523,6 +523,17 @@ def test_train_runs_and_writes_everything(tiny_model_dir, tmp_path):
     assert not torch.equal(initial.model.embed_tokens.weight, final.model.embed_tokens.weight)
 
 
+def test_train_with_the_fast_engine_matches_plain_under_greedy_eval(tiny_model_dir, tmp_path):
+    import train
+    train.main(tiny_args(tiny_model_dir, tmp_path / "fast", "--rollout_engine", "fast"))
+    train.main(tiny_args(tiny_model_dir, tmp_path / "plain", "--rollout_engine", "plain"))
+    fast, plain = read_jsonl(tmp_path / "fast" / "metrics.jsonl"), read_jsonl(tmp_path / "plain" / "metrics.jsonl")
+    assert [m["step"] for m in fast] == [m["step"] for m in plain]
+    assert fast[0]["eval/accuracy"] == plain[0]["eval/accuracy"]          # greedy: the same completions
+    assert fast[0]["eval/mean_completion_tokens"] == plain[0]["eval/mean_completion_tokens"]
+    assert all(m["completions/mean_length"] > 0 for m in fast if "reward" in m)
+
+
 def test_resume_continues_exactly(tiny_model_dir, tmp_path):
     import train
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
