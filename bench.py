@@ -134,7 +134,7 @@ def main(argv=None):
         result["rollout_static_over_plain"] = round(result["rollout_static_tokens_per_s"] /
                                                     result["rollout_plain_tokens_per_s"], 2)
     # --- rollout: our engine (rollout.FastGenerator), compiled + graph-captured decode step on CUDA -------------
-    engine = FastGenerator(model, compile=on_gpu and args.compile)
+    engine = FastGenerator(generation_model, compile=on_gpu and args.compile)   # bf16 on GPU already: no second copy
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=T)
     _, first_seconds = timed(lambda: engine.decode(prompts, prompt_mask, sampling, eos_ids=[-1], pad_id=0), device)
     (fast_ids, _), seconds = timed(lambda: engine.decode(prompts, prompt_mask, sampling, eos_ids=[-1], pad_id=0), device)

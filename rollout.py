@@ -216,21 +216,26 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, sampling: Sa
 # ---------------------------------------------------------------------------------------------------
 # The fast path: our own decode loop on a static KV cache (optionally compiled), a bf16 copy on GPU
 # ---------------------------------------------------------------------------------------------------
-def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
-    """One token per row from softmax(logits / temperature), restricted to the top_p nucleus. (B,)
+def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
+                      greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from softmax(logits / temperature), restricted to the top_p nucleus, and its
+    log-probability under the full softmax(logits / temperature) (what token_logprobs computes). (B,), (B,)
 
-    No host synchronisation (no .item(), no multinomial): the exponential race argmax(p / E), E ~ Exp(1),
-    draws exactly from p and keeps the whole decode step on the device.
+    One softmax per step serves both. No host synchronisation (no .item(), no multinomial): the exponential
+    race argmax(p / E), E ~ Exp(1), draws exactly from p and keeps the whole decode step on the device.
     """
+    log_probs = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), dim=-1)   # (B, V)
     if greedy:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)                  # (B, V)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs                   # probability ranked above each token
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)         # the first token always stays
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+        token = log_probs.argmax(dim=-1)
+    else:
+        probs = log_probs.exp()
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs               # probability ranked above each token
+            sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)     # the first token always stays
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        token = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+    return token, log_probs.gather(-1, token[:, None]).squeeze(-1)
 
 
 class FastGenerator:
@@ -293,11 +298,10 @@ class FastGenerator:
         sampling_logps = torch.zeros(B, T, device=prompt_ids.device)
         finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
         for t in range(T):
-            scaled = logits.float() / (1.0 if sampling.greedy else sampling.temperature)
-            token = sample_next_token(logits, sampling.temperature, sampling.top_p, sampling.greedy)
+            token, token_logp = sample_next_token(logits, sampling.temperature, sampling.top_p, sampling.greedy)
             token = torch.where(finished, torch.full_like(token, pad_id), token)         # after EOS: padding
             tokens[:, t] = token
-            sampling_logps[:, t] = torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1)
+            sampling_logps[:, t] = token_logp                                           # (masked after EOS)
             finished |= torch.isin(token, eos)
             if t == T - 1 or ((t + 1) % self.check_every == 0 and bool(finished.all())):
                 return tokens[:, : t + 1], sampling_logps[:, : t + 1]
@@ -324,13 +328,17 @@ def make_engine(choice: str, model, compile: bool = True) -> FastGenerator | Non
 # Per-token log-probabilities
 # ---------------------------------------------------------------------------------------------------
 def _logprobs_and_entropy(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
-                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(lm_head(hidden) / temperature)[target] and the entropy, for N tokens. (N,), (N,)"""
+                          temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(lm_head(hidden) / temperature)[target] and, if asked, the entropy, for N tokens. (N,), (N,)
+
+    The entropy costs a second pass over (N, V); the update's forward does not need it, so it skips it.
+    """
     logits = lm_head(hidden).float() / temperature                      # (N, V) float32, one chunk only
     log_normalizer = torch.logsumexp(logits, dim=-1)                    # (N,)
     logps = logits.gather(-1, targets[:, None]).squeeze(-1) - log_normalizer
-    probs = torch.softmax(logits, dim=-1)
-    entropy = log_normalizer - (probs * logits).sum(-1)                 # H = log Z − E_p[logit]
+    if not with_entropy:
+        return logps, None
+    entropy = log_normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)    # H = log Z − E_p[logit]
     return logps, entropy
 
 
@@ -403,13 +411,14 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         flat_logps, flat_entropy = [], []
         for chunk in range(0, targets.shape[0], LOGIT_CHUNK_TOKENS):
             piece = slice(chunk, chunk + LOGIT_CHUNK_TOKENS)
+            arguments = (states[piece], project, targets[piece], temperature, return_entropy)
             if torch.is_grad_enabled():
-                chunk_logps, chunk_entropy = checkpoint(_logprobs_and_entropy, states[piece], project,
-                                                        targets[piece], temperature, use_reentrant=False)
+                chunk_logps, chunk_entropy = checkpoint(_logprobs_and_entropy, *arguments, use_reentrant=False)
             else:
-                chunk_logps, chunk_entropy = _logprobs_and_entropy(states[piece], project, targets[piece], temperature)
+                chunk_logps, chunk_entropy = _logprobs_and_entropy(*arguments)
             flat_logps.append(chunk_logps)
-            flat_entropy.append(chunk_entropy.detach())
+            if return_entropy:
+                flat_entropy.append(chunk_entropy.detach())
         # Scatter the real-token values back into (b, T), out of place so autograd sees every piece.
         full_mask = torch.nn.functional.pad(mask, (0, T - used))                   # (b, T)
         zeros = torch.zeros(full_mask.shape, device=input_ids.device)

@@ -385,11 +385,11 @@ def test_sampled_tokens_follow_temperature_and_top_p():
         mass += probs[index]
     expected = [probs[i] / mass if i in kept else 0.0 for i in range(5)]
     torch.manual_seed(0)
-    tokens = rollout.sample_next_token(logits.expand(n, 5), temperature, top_p, greedy=False)
+    tokens, _ = rollout.sample_next_token(logits.expand(n, 5), temperature, top_p, greedy=False)
     empirical = torch.bincount(tokens, minlength=5).float() / n
     assert empirical.tolist() == pytest.approx(expected, abs=0.01)
     assert all(empirical[i] == 0 for i in range(5) if i not in kept)
-    assert torch.equal(rollout.sample_next_token(logits.expand(3, 5), 1.0, 1.0, greedy=True), torch.zeros(3, dtype=torch.long))
+    assert torch.equal(rollout.sample_next_token(logits.expand(3, 5), 1.0, 1.0, greedy=True)[0], torch.zeros(3, dtype=torch.long))
 
 
 def test_update_with_positive_advantage_raises_logprob(tiny):
