@@ -74,6 +74,21 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     return model.to(device), tokenizer
 
 
+def training_run_config(model_path: str) -> dict | None:
+    """The train.py config of the run a model folder belongs to, or None.
+
+    A run of this project writes config.json (the training options) beside initial/, final/ and
+    checkpoint-N/; each of those folders has its own (model) config.json inside. Evaluating such a
+    folder should measure what training measured: same chat-template mode, same token budget, greedy.
+    """
+    run_config = Path(os.path.expanduser(model_path)).parent / "config.json"
+    try:
+        settings = json.loads(run_config.read_text())
+    except (OSError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) and {"algo", "group_size", "model"} <= settings.keys() else None
+
+
 def default_sampling(model_name: str, enable_thinking: bool | None, num_samples: int) -> dict:
     """Documented per-family defaults: Qwen3's recommended settings, greedy otherwise for k = 1.
 
@@ -167,9 +182,11 @@ def parse_args(argv=None):
                         help="sampling temperature (0 = greedy); default: per model family, see default_sampling")
     parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling; default: per model family")
     parser.add_argument("--max_new_tokens", type=int, default=None,
-                        help="completion budget; default 48 for toy, 4096 otherwise (raise it for thinking mode)")
+                        help="completion budget; default: the training run's eval budget for a run folder "
+                             "(runs/X/final), else 48 for toy and 4096 otherwise (raise it for thinking mode)")
     parser.add_argument("--enable_thinking", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
-                        help="Qwen3 chat template switch (true/false); default: the template's own default")
+                        help="Qwen3 chat template switch (true/false); default: the training run's setting for a "
+                             "run folder, else the template's own default (thinking on for Qwen3)")
     parser.add_argument("--batch_size", type=int, default=64, help="sequences generated at once")
     parser.add_argument("--engine", default="auto", choices=["auto", "fast", "plain"],
                         help="fast: own static-cache decode loop (compiled on CUDA); plain: model.generate; "
@@ -194,19 +211,35 @@ def main(argv=None):
                                       args.trust_remote_code, log=lambda message: print(message, file=sys.stderr))
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         sys.exit(f"eval.py: error: {error}")
-    defaults = default_sampling(args.model, args.enable_thinking, args.num_samples)
+    # Defaults: a folder of one of our training runs is evaluated as training evaluated it (template mode,
+    # budget, greedy for k = 1); anything else gets its model family's documented defaults.
+    run = training_run_config(args.model)
+    enable_thinking, family, budget = args.enable_thinking, args.model, None
+    if run is not None:
+        family = run["model"]                               # "Qwen/Qwen3-1.7B" names the family, "runs/x/final" does not
+        enable_thinking = run.get("enable_thinking", False) if enable_thinking is None else enable_thinking
+        budget = run.get("eval_max_new_tokens") or run.get("max_new_tokens")
+    defaults = default_sampling(family, enable_thinking, args.num_samples)
+    if run is not None and args.num_samples == 1:
+        defaults = {"temperature": 0.0, "top_p": 1.0}       # train.py's evaluations are greedy
     temperature = defaults["temperature"] if args.temperature is None else args.temperature
     sampling = SamplingConfig(temperature=temperature, top_p=defaults["top_p"] if args.top_p is None else args.top_p,
-                              max_new_tokens=args.max_new_tokens or (48 if args.benchmark == "toy" else 4096),
+                              max_new_tokens=args.max_new_tokens or budget or (48 if args.benchmark == "toy" else 4096),
                               do_sample=temperature > 0, batch_size=args.batch_size)
-    chat_template_kwargs = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking}
+    chat_template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    settings = {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                "max_new_tokens": sampling.max_new_tokens, "greedy": sampling.greedy,
+                "enable_thinking": enable_thinking, "seed": args.seed, "limit": args.limit,
+                "defaults_from": "training run" if run is not None else "model family"}
+    print(f"eval.py: settings {json.dumps(settings)}", file=sys.stderr)
     engine = make_engine(args.engine, model)
     summary, results = evaluate(model, tokenizer, records, args.num_samples, sampling, chat_template_kwargs,
                                 engine=engine)
+    if summary["truncated_ratio"] > 0.05:
+        print(f"eval.py: warning: {summary['truncated_ratio']:.0%} of completions hit max_new_tokens="
+              f"{sampling.max_new_tokens} and were graded unfinished; raise --max_new_tokens", file=sys.stderr)
     summary.update(model=args.model, benchmark=args.benchmark, data_file=args.data_file, device=str(device),
-                   settings={"temperature": sampling.temperature, "top_p": sampling.top_p,
-                             "max_new_tokens": sampling.max_new_tokens, "greedy": sampling.greedy,
-                             "enable_thinking": args.enable_thinking, "seed": args.seed, "limit": args.limit})
+                   settings=settings)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")

@@ -65,7 +65,7 @@ def confidence_weights(rewards: torch.Tensor, seq_logps: torch.Tensor, tau: floa
     Ties (r_i = r_j, the diagonal included) have s_ij = 0 and w_ij = 1; they carry no reward gap anyway.
     τ = inf returns all ones (RLOO). ℓ is detached: the weights are constants of the loss (DESIGN.md §1).
     """
-    rewards = rewards.float()
+    rewards = rewards.float().to(seq_logps.device)                        # CPU rewards meet GPU ℓ here
     if tau == float("inf"):
         return torch.ones(*rewards.shape, rewards.shape[-1], dtype=rewards.dtype, device=rewards.device)
     if not tau > 0:
@@ -89,7 +89,7 @@ def pairwise_advantages(rewards: torch.Tensor, seq_logps: torch.Tensor, tau: flo
     `scale_by_std` (off by default, DESIGN.md §1) divides each group's advantages by its reward std + 1e-6,
     as GRPO does; a zero-std group stays at zero.
     """
-    rewards = rewards.float()                                             # (num_prompts, G)
+    rewards = rewards.float().to(seq_logps.device)                        # (num_prompts, G), on ℓ's device
     G = rewards.shape[1]
     if G < 2:
         raise ValueError(f"pairwise advantages need at least 2 completions per prompt, got G={G}")
@@ -103,7 +103,7 @@ def pairwise_advantages(rewards: torch.Tensor, seq_logps: torch.Tensor, tau: flo
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """RLOO: A_i = r_i − mean_{j≠i} r_j, i.e. LamPO with τ = ∞ (every pair weight is 1)."""
-    return pairwise_advantages(rewards, torch.zeros_like(rewards, dtype=torch.float), tau=float("inf"))
+    return pairwise_advantages(rewards, torch.zeros(rewards.shape, device=rewards.device), tau=float("inf"))
 
 
 def sequence_scores(logps: torch.Tensor, mask: torch.Tensor, normalize: str = "mean") -> torch.Tensor:
@@ -125,7 +125,11 @@ def compute_advantages(algo: str, rewards: torch.Tensor, seq_logps: torch.Tensor
     """One switch for `--algo`: lampo | grpo | dr_grpo | rloo. Returns (num_prompts · G,), groups contiguous.
 
     `scale_by_std=None` means each algorithm's documented default: GRPO scales, the others do not.
+    Rewards may live on any device; with `seq_logps` given, the advantages are on its device (for every
+    algo, so the caller never has to care which one ran).
     """
+    if seq_logps is not None:
+        rewards = rewards.to(seq_logps.device)
     if algo == "lampo":
         advantages = pairwise_advantages(rewards, seq_logps, tau=tau, scale_by_std=bool(scale_by_std))
     elif algo == "grpo":
@@ -163,7 +167,7 @@ def micro_batch_scale(micro_mask: torch.Tensor, full_mask: torch.Tensor, aggrega
     Both masks share the same padded length T (micro-batches are row slices of the full batch).
     """
     if aggregation == "token-mean":
-        return float(micro_mask.sum().clamp_min(1.0) / full_mask.sum().clamp_min(1.0))
+        return _number(micro_mask.sum().clamp_min(1.0) / full_mask.sum().clamp_min(1.0))
     if aggregation in ("seq-mean", "fixed-length"):
         return micro_mask.shape[0] / full_mask.shape[0]
     raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
@@ -172,7 +176,8 @@ def micro_batch_scale(micro_mask: torch.Tensor, full_mask: torch.Tensor, aggrega
 def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
                         ref_logps: torch.Tensor | None = None, beta: float = 0.0,
-                        aggregation: str = "token-mean") -> tuple[torch.Tensor, dict[str, float]]:
+                        aggregation: str = "token-mean",
+                        is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO/GRPO clipped surrogate with an optional k3 KL penalty, aggregated over masked tokens.
 
     logps (B, T) carry gradient; old_logps, ref_logps (B, T) and advantages (B,) do not. Worked example:
@@ -184,33 +189,46 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     >>> round(loss.item(), 4), stats["clip_fraction"]
     (-1.2, 1.0)
 
+    `is_weights` (B, T), optional: truncated importance-sampling weights min(π_old / π_sampler, C) for
+    samples drawn by a sampler whose numerics differ from π_old's (a bf16 copy, vLLM). They multiply the
+    policy-gradient term only, not the KL penalty (as TRL's and verl's TIS corrections do).
+
     Returns (loss, stats) with stats["clip_fraction"] (share of real tokens whose clipped branch is
     active, i.e. whose gradient the clip removed), stats["policy_kl"] (k3 KL of π_θ from π_old) and,
     when β > 0, stats["kl"] (k3 KL from π_ref).
     """
-    mask = mask.to(logps.dtype)
-    old_logps = old_logps.detach()
-    advantages = advantages.detach().to(logps.dtype)[:, None]             # (B, 1), broadcast over tokens
+    device = logps.device                                                 # everything meets on logps' device
+    mask = mask.to(device=device, dtype=logps.dtype)
+    old_logps = old_logps.detach().to(device)
+    advantages = advantages.detach().to(device=device, dtype=logps.dtype)[:, None]   # (B, 1), over tokens
     log_ratio = logps - old_logps                                         # (B, T)
     ratio = torch.exp(log_ratio)                                          # ρ_t
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
     per_token = -torch.min(unclipped, clipped)                            # (B, T)
+    if is_weights is not None:                                            # off-policy correction (TIS)
+        per_token = per_token * is_weights.detach().to(device=device, dtype=per_token.dtype)
 
     stats: dict[str, float] = {}
     if beta > 0:
         if ref_logps is None:
             raise ValueError("beta > 0 needs ref_logps")
-        ref_log_ratio = ref_logps.detach() - logps                        # log π_ref − log π_θ
+        ref_log_ratio = ref_logps.detach().to(device) - logps             # log π_ref − log π_θ
         kl = torch.exp(ref_log_ratio) - ref_log_ratio - 1.0               # k3 ≥ 0 (Schulman 2020)
         per_token = per_token + beta * kl
-        stats["kl"] = aggregate(kl.detach(), mask, "token-mean").item()
+        stats["kl"] = _number(aggregate(kl.detach(), mask, "token-mean"))
 
     loss = aggregate(per_token, mask, aggregation)
 
     with torch.no_grad():
         # The clip is active where the clipped term is strictly the smaller one (then d loss/d θ = 0).
         is_clipped = (clipped < unclipped).to(mask.dtype)
-        stats["clip_fraction"] = aggregate(is_clipped, mask, "token-mean").item()
-        stats["policy_kl"] = aggregate(torch.exp(-log_ratio) + log_ratio - 1.0, mask, "token-mean").item()
+        stats["clip_fraction"] = _number(aggregate(is_clipped, mask, "token-mean"))
+        stats["policy_kl"] = _number(aggregate(torch.exp(-log_ratio) + log_ratio - 1.0, mask, "token-mean"))
     return loss, stats
+
+
+def _number(value: torch.Tensor) -> float:
+    """A 0-d tensor as a Python float for logging. `meta` tensors (shape-only stand-ins for an accelerator,
+    used in tests and for tracing) hold no value: NaN, so that the shape path still runs end to end."""
+    return float("nan") if value.device.type == "meta" else value.item()

@@ -20,7 +20,9 @@ Per-token log-probs (`token_logprobs`) are computed from logits divided by the s
 those are the probabilities the tokens were actually sampled with, which the PPO ratio must use.
 """
 
+import inspect
 import warnings
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -56,6 +58,7 @@ class Rollout:
     completions: list[str]          # B decoded texts (without the EOS)
     group_size: int
     prompts: list[str] = field(default_factory=list)   # the num_prompts formatted prompt strings
+    sampling_logps: torch.Tensor | None = None          # (B, T) log π_sampler of each token (fast engine only; 0 off-mask)
 
     @property
     def input_ids(self) -> torch.Tensor:                # (B, P + T)
@@ -184,33 +187,42 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, sampling: Sa
 
     was_training = model.training
     model.eval()
-    chunks = []
+    chunks, logp_chunks = [], []
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with autocast:
         for start in range(0, prompt_ids.shape[0], sampling.batch_size):
             rows = slice(start, start + sampling.batch_size)
             if engine is not None:
-                chunks.append(engine.decode(prompt_ids[rows], prompt_mask[rows], sampling, eos_ids, pad_id)[0])
+                ids, logps = engine.decode(prompt_ids[rows], prompt_mask[rows], sampling, eos_ids, pad_id)
+                chunks.append(ids)
+                logp_chunks.append(logps)
                 continue
             output = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
                                     generation_config=config)
             chunks.append(output[:, prompt_ids.shape[1]:])
     model.train(was_training)
 
+    def stack(pieces, fill, dtype):                       # chunks may stop at different lengths
+        out = torch.full((prompt_ids.shape[0], T), fill, dtype=dtype, device=device)
+        start = 0
+        for piece in pieces:
+            out[start:start + piece.shape[0], :piece.shape[1]] = piece
+            start += piece.shape[0]
+        return out
+
     T = max(chunk.shape[1] for chunk in chunks)
-    completion_ids = torch.full((prompt_ids.shape[0], T), pad_id, dtype=torch.long, device=device)
-    start = 0
-    for chunk in chunks:                                  # chunks may stop at different lengths
-        completion_ids[start:start + chunk.shape[0], :chunk.shape[1]] = chunk
-        start += chunk.shape[0]
+    completion_ids = stack(chunks, pad_id, torch.long)                                      # (B, T)
     completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)   # nothing after EOS but pad
     longest = max(int(completion_mask.sum(dim=1).max()), 1) if completion_ids.numel() else T
     completion_ids, completion_mask = completion_ids[:, :longest], completion_mask[:, :longest]  # no all-pad columns
+    sampling_logps = None
+    if logp_chunks:
+        sampling_logps = (stack(logp_chunks, 0.0, torch.float32)[:, :longest] * completion_mask).float()
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                    completion_mask=completion_mask, truncated=truncated,
                    completions=decode_completions(tokenizer, completion_ids, completion_mask, truncated),
-                   group_size=group_size, prompts=formatted)
+                   group_size=group_size, prompts=formatted, sampling_logps=sampling_logps)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,6 +250,17 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
     return token, log_probs.gather(-1, token[:, None]).squeeze(-1)
 
 
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cache_argument_name(model) -> str:
+    """transformers renamed the KV-cache argument `past_key_values` to `cache` (5.2x); an unknown keyword
+    would be swallowed by **kwargs and decoding would silently run without a cache, so ask the class."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model     # through a peft wrapper
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 class FastGenerator:
     """Sampling with our own decode loop: prefill once, then one token per step on a static KV cache.
 
@@ -247,18 +270,40 @@ class FastGenerator:
     can be compiled and graph-captured; the host checks "have all rows ended?" only every `check_every`
     tokens. On CUDA it samples from a bf16 copy of the policy (`sync` after each optimizer step), so the
     float32 master weights are never cast per step. On CPU it uses the policy itself, in float32.
+
+    Shapes are bucketed so that compiling happens a few times per run, not every step. A compiled step is
+    specialised to its shapes (batch, cache length); RL prompts change width every step, and after torch's
+    recompile limit (8) dynamo would silently run the rest of the process eagerly. So, when compiling:
+      - the prompt width P is left-padded up to a power of two (≥ `min_prompt_bucket`): RoPE positions
+        come from the mask, so extra left padding changes no token;
+      - the batch is padded up to a power of two with copies of row 0, marked finished from the start;
+      - one StaticCache per (batch, cache length) bucket is kept and `reset()` between calls, so its
+        tensors keep their addresses and a captured CUDA graph stays valid (at most `max_cached_shapes`
+        caches are kept; `release()` frees them all).
+    A shape beyond the compile budget, or a compiler error, decodes eagerly: warned once and counted in
+    `eager_fallbacks` (train.py logs it as `sampling/eager_fallbacks`).
     """
 
-    def __init__(self, policy, compile: bool = False, check_every: int = 16):
+    def __init__(self, policy, compile: bool = False, check_every: int = 16, backend=None,
+                 min_prompt_bucket: int = 64, max_cached_shapes: int = 2):
         import copy
         device = next(policy.parameters()).device
         self.policy = policy
         already_low_precision = next(policy.parameters()).dtype != torch.float32
         self.model = policy if device.type != "cuda" or already_low_precision else \
             copy.deepcopy(policy).to(torch.bfloat16).eval()
-        self.compile = compile and device.type == "cuda"
+        # Compiling pays off with CUDA graphs; on CPU it is only done when a backend is named (tests count graphs).
+        self.compile = compile and (device.type == "cuda" or backend is not None)
+        self.backend = backend
         self.check_every = check_every
+        self.min_prompt_bucket = min_prompt_bucket
+        self.max_cached_shapes = max_cached_shapes
+        self.cache_argument = _cache_argument_name(self.model)
+        self.compiled_shapes: set[tuple[int, int]] = set()    # (batch, cache length) the compiled step has seen
+        self.eager_fallbacks = 0                               # decode calls that could not use the compiled step
+        self._caches: OrderedDict[tuple[int, int], object] = OrderedDict()   # least recently used first
         self._compiled_step = None
+        self._warned = False
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -267,9 +312,49 @@ class FastGenerator:
             for target, source in zip(self.model.parameters(), self.policy.parameters()):
                 target.copy_(source)
 
+    def release(self) -> None:
+        """Free the KV caches (the next decode allocates anew, and CUDA graphs are captured anew)."""
+        self._caches.clear()
+
+    def _warn_once(self, message: str) -> None:
+        self.eager_fallbacks += 1
+        if not self._warned:
+            warnings.warn(message + " (warned once; counted in sampling/eager_fallbacks)")
+            self._warned = True
+
+    def _cache(self, batch: int, length: int):
+        """The StaticCache of this bucket, reset; created (and the oldest dropped) when new."""
+        from transformers import StaticCache
+        key = (batch, length)
+        if key in self._caches:
+            self._caches.move_to_end(key)
+            cache = self._caches[key]
+            cache.reset()                              # zeros in place: same tensors, same addresses
+            return cache
+        while len(self._caches) >= self.max_cached_shapes:
+            self._caches.popitem(last=False)
+        cache = self._caches[key] = StaticCache(config=self.model.config, max_cache_len=length)
+        return cache
+
     def _step(self, input_ids, attention_mask, position_ids, cache):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          cache=cache, use_cache=True).logits[:, -1]
+                          use_cache=True, **{self.cache_argument: cache}).logits[:, -1]
+
+    def _step_for(self, shape: tuple[int, int]):
+        """The compiled step when this shape is within the compile budget, else the eager one."""
+        if not self.compile:
+            return self._step
+        limit = getattr(torch._dynamo.config, "recompile_limit", None) or \
+            getattr(torch._dynamo.config, "cache_size_limit", 8)
+        if shape not in self.compiled_shapes and len(self.compiled_shapes) >= limit:
+            self._warn_once(f"decode shape {shape} is beyond torch's recompile limit ({limit} compiled shapes): "
+                            "decoding it eagerly")
+            return self._step
+        self.compiled_shapes.add(shape)
+        if self._compiled_step is None:
+            options = dict(backend=self.backend) if self.backend is not None else dict(mode="reduce-overhead")
+            self._compiled_step = torch.compile(self._step, fullgraph=False, dynamic=False, **options)
+        return self._compiled_step
 
     @torch.no_grad()
     def decode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig,
@@ -277,45 +362,54 @@ class FastGenerator:
         """(completion_ids (B, T), sampling_logps (B, T)) for left-padded prompts (B, P).
 
         sampling_logps are log softmax(logits / temperature) of the chosen tokens under the generation
-        model: a check against token_logprobs (they agree up to the generation copy's precision).
+        model (0 after EOS): π_sampler, which train.py compares with π_old (`sampling/logp_gap_*`, TIS).
         """
-        from transformers import StaticCache
-
         B, P = prompt_ids.shape
         T = sampling.max_new_tokens
-        cache = StaticCache(config=self.model.config, max_cache_len=P + T)
-        attention_mask = torch.cat([prompt_mask, prompt_mask.new_zeros(B, T)], dim=1)   # (B, P + T), fixed shape
-        position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)                 # (B, P)
-        logits = self.model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]   # prefill
-        step = self._step
-        if self.compile:
-            step = self._compiled_step = self._compiled_step or torch.compile(self._step, mode="reduce-overhead",
-                                                                               fullgraph=False, dynamic=False)
-        next_position = position_ids[:, -1:] + 1                                        # (B, 1)
-        eos = torch.tensor(eos_ids, device=prompt_ids.device)
-        tokens = torch.full((B, T), pad_id, dtype=torch.long, device=prompt_ids.device)
-        sampling_logps = torch.zeros(B, T, device=prompt_ids.device)
-        finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+        device = prompt_ids.device
+        # Buckets (only when compiling: eager decoding gains nothing from padding).
+        batch = _power_of_two_at_least(B) if self.compile else B
+        width = max(_power_of_two_at_least(P), self.min_prompt_bucket) if self.compile else P
+        ids = torch.full((batch, width), pad_id, dtype=prompt_ids.dtype, device=device)        # (batch, width)
+        mask = torch.zeros((batch, width), dtype=prompt_mask.dtype, device=device)
+        ids[:B, width - P:], mask[:B, width - P:] = prompt_ids, prompt_mask      # more left padding
+        ids[B:, width - P:], mask[B:, width - P:] = prompt_ids[:1], prompt_mask[:1]   # filler rows: copies of row 0
+        length = width + T
+        cache = self._cache(batch, length)
+        step = self._step_for((batch, length))
+
+        attention_mask = torch.cat([mask, mask.new_zeros(batch, T)], dim=1)       # (batch, width + T), fixed shape
+        position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)                   # (batch, width)
+        logits = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=True, logits_to_keep=1, **{self.cache_argument: cache}).logits[:, -1]  # prefill
+        next_position = position_ids[:, -1:] + 1                                   # (batch, 1)
+        eos = torch.tensor(eos_ids, device=device)
+        tokens = torch.full((batch, T), pad_id, dtype=torch.long, device=device)
+        sampling_logps = torch.zeros(batch, T, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        finished[B:] = True                                                        # filler rows never hold us up
         for t in range(T):
             token, token_logp = sample_next_token(logits, sampling.temperature, sampling.top_p, sampling.greedy)
-            token = torch.where(finished, torch.full_like(token, pad_id), token)         # after EOS: padding
+            token = torch.where(finished, torch.full_like(token, pad_id), token)    # after EOS: padding
             tokens[:, t] = token
-            sampling_logps[:, t] = token_logp                                           # (masked after EOS)
+            sampling_logps[:, t] = token_logp.masked_fill(finished, 0.0)
             finished |= torch.isin(token, eos)
             if t == T - 1 or ((t + 1) % self.check_every == 0 and bool(finished.all())):
-                return tokens[:, : t + 1], sampling_logps[:, : t + 1]
-            attention_mask[:, P + t] = 1
+                return tokens[:B, : t + 1], sampling_logps[:B, : t + 1]
+            attention_mask[:, width + t] = 1
+            if step is not self._step and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()     # the last step's graph outputs are consumed
             try:
                 logits = step(token[:, None], attention_mask, next_position, cache)
             except Exception as error:      # a compiler problem must not end a training run: decode eagerly
                 if step is self._step:
                     raise
-                warnings.warn(f"compiled decoding failed ({type(error).__name__}: {error}); decoding eagerly")
+                self._warn_once(f"compiled decoding failed ({type(error).__name__}: {str(error)[:200]}); "
+                                "decoding eagerly from now on")
                 self.compile, step = False, self._step
                 logits = step(token[:, None], attention_mask, next_position, cache)
             next_position = next_position + 1
-        return tokens, sampling_logps
+        return tokens[:B], sampling_logps[:B]
 
 
 def make_engine(choice: str, model, compile: bool = True) -> FastGenerator | None:
@@ -401,10 +495,10 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         if used == 0:                                                               # nothing to score
             states, project = torch.zeros(0, device=input_ids.device), torch.nn.Identity()
         elif backbone is not None:
-            states = backbone(**inputs).last_hidden_state[:, -used - 1:-1]         # (b, used, H)
+            states = backbone(**inputs, use_cache=False).last_hidden_state[:, -used - 1:-1]         # (b, used, H)
             project = head
         else:   # plain path: the model's own (post-processed) logits, then the same math
-            states = model(**inputs, logits_to_keep=used + 1).logits[:, :-1]       # (b, used, V)
+            states = model(**inputs, use_cache=False, logits_to_keep=used + 1).logits[:, :-1]       # (b, used, V)
             project = torch.nn.Identity()
         mask = completion_mask[rows, :used].bool()                                  # (b, used)
         states, targets = states[mask], input_ids[rows, -T:][:, :used][mask]        # (N, H), (N,): real tokens only

@@ -684,6 +684,216 @@ def test_prompt_batches_are_deterministic_and_cover_the_dataset():
 
 
 # ===================================================================================================
+# 5b. Off the CPU: devices, the compiled engine's shape buckets, sampler vs π_old numerics
+#     (`meta` tensors stand in for CUDA: they have a device but no values, so a device mix-up raises)
+# ===================================================================================================
+@pytest.mark.parametrize("algo", ["lampo", "grpo", "dr_grpo", "rloo"])
+def test_advantages_take_cpu_rewards_and_return_on_the_logprob_device(algo):
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0]])                        # Python-side verifier output, on CPU
+    seq_logps = torch.zeros(1, 4, device="meta")                           # ℓ on the accelerator
+    advantages = lambdapo.compute_advantages(algo, rewards, seq_logps)
+    assert advantages.device.type == "meta" and advantages.shape == (4,)
+
+
+def test_pairwise_functions_and_loss_work_on_the_device_of_their_inputs():
+    rewards, meta = torch.tensor([[1.0, 0.0, 0.5]]), torch.device("meta")
+    assert confidence_weights(rewards, torch.zeros(1, 3, device=meta)).device == meta
+    assert pairwise_advantages(rewards, torch.zeros(1, 3, device=meta), scale_by_std=True).device == meta
+    assert grpo_advantages(rewards.to(meta)).device == meta
+    logps = torch.zeros(3, 5, device=meta, requires_grad=True)
+    loss, stats = clipped_policy_loss(logps, torch.zeros(3, 5, device=meta), torch.ones(3),   # CPU advantages
+                                      torch.ones(3, 5, dtype=torch.long), ref_logps=torch.zeros(3, 5, device=meta),
+                                      beta=0.1, is_weights=torch.ones(3, 5))
+    assert loss.device == meta and set(stats) >= {"clip_fraction", "kl", "policy_kl"}
+    loss.backward()                                                        # the graph is device-consistent
+    assert logps.grad.device == meta
+    assert lambdapo.sequence_scores(torch.zeros(3, 5, device=meta), torch.ones(3, 5, device=meta)).device == meta
+
+
+def test_one_training_step_advantage_and_loss_path_off_the_cpu():
+    """train.py's own pieces, in loop order, with the policy's tensors on a non-CPU device."""
+    import train
+    meta = torch.device("meta")
+    config = train.parse_config(["--group_size", "2"])
+    scored = [{"reward": r, "accuracy": a, "rouge": 0.0} for r, a in [(1.0, 1.0), (0.0, 0.0), (0.5, 0.0), (0.5, 0.0)]]
+    rewards, accuracy, rouge = train.reward_tensors(scored, 2, meta)
+    assert rewards.shape == (2, 2) and {rewards.device, accuracy.device, rouge.device} == {meta}
+    old_logps, mask = torch.zeros(4, 6, device=meta), torch.ones(4, 6, dtype=torch.long, device=meta)
+    seq_logps = lambdapo.sequence_scores(old_logps, mask).view(-1, 2)
+    advantages = lambdapo.compute_advantages("lampo", rewards, seq_logps)
+    gap, weights = train.sampler_gap(old_logps, torch.zeros(4, 6, device=meta), mask, tis_cap=2.0)
+    assert weights.device == meta and set(gap) >= {"sampling/logp_gap_mean", "sampling/logp_gap_max"}
+    logps = torch.zeros(2, 6, device=meta, requires_grad=True)
+    scaled, scale, stats = train.micro_batch_loss(config, logps, old_logps[:2], advantages[:2], mask[:2], mask,
+                                                  is_weights=weights[:2])
+    scaled.backward()
+    assert scaled.device == meta and logps.grad.device == meta
+
+
+def test_reward_tensors_keep_groups_contiguous():
+    import train
+    scored = [{"reward": float(i), "accuracy": float(i % 2), "rouge": i / 10} for i in range(6)]
+    rewards, accuracy, rouge = train.reward_tensors(scored, 3, "cpu")
+    assert rewards.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    assert accuracy.tolist() == [0, 1, 0, 1, 0, 1] and rouge[4].item() == pytest.approx(0.4)
+
+
+def test_sampler_gap_and_truncated_importance_weights_hand_computed():
+    import train
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]])
+    sampler = torch.tensor([[-1.5, -1.0, -0.5], [-1.0, -3.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    stats, weights = train.sampler_gap(old, sampler, mask, tis_cap=2.0)
+    assert stats["sampling/logp_gap_mean"] == pytest.approx((0.5 + 1.0 + 0.0 + 0.0 + 2.0) / 5)
+    assert stats["sampling/logp_gap_max"] == pytest.approx(2.0)
+    # exp(old − sampler), capped at 2: e^0.5 = 1.6487, e^-1, 1, 1, min(e^2, 2) = 2, masked token 0
+    torch.testing.assert_close(weights, torch.tensor([[math.exp(0.5), math.exp(-1.0), 1.0], [1.0, 2.0, 0.0]]))
+    assert train.sampler_gap(old, sampler, mask, tis_cap=0.0)[1] is None             # off by default
+    assert train.sampler_gap(old, None, mask, tis_cap=2.0) == ({}, None)              # plain engine: no sampler log-probs
+
+
+def test_importance_weights_scale_only_the_policy_gradient_term():
+    logps = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    weights = torch.tensor([[0.5, 2.0]])
+    # ratio 1, A = 1: per-token PG loss −1 each, weighted −0.5 and −2; KL term 0 (ref = logps) is not weighted
+    loss, _ = clipped_policy_loss(logps, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2),
+                                  ref_logps=torch.zeros(1, 2), beta=1.0, is_weights=weights)
+    assert loss.item() == pytest.approx((-0.5 - 2.0) / 2)
+    loss.backward()
+    # d/dlogp of −w·ρ·A is −w·A (ratio 1); the k3 KL gradient at equality is 0
+    torch.testing.assert_close(logps.grad, torch.tensor([[-0.25, -1.0]]))
+
+
+def test_reference_shares_the_policys_numerics_so_kl_is_zero_at_step_0(tiny):
+    """Under bf16 autocast (what CUDA uses) a float32 reference copy gives log-probs identical to the
+    policy's; a pure-bf16 copy (the old behaviour) does not, and its KL penalty would act on rounding."""
+    import train
+    model, tokenizer = tiny
+    reference = train.make_reference(model)
+    assert next(reference.parameters()).dtype == torch.float32 and not any(p.requires_grad for p in reference.parameters())
+    r = rollout.generate(model, tokenizer, ["12+34=", "5+6="], 2, rollout.SamplingConfig(max_new_tokens=6))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logps = rollout.token_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask)
+        ref_logps = rollout.token_logprobs(reference, r.input_ids, r.attention_mask, r.completion_mask)
+        bf16_logps = rollout.token_logprobs(reference.to(torch.bfloat16), r.input_ids, r.attention_mask,
+                                            r.completion_mask)
+    _, stats = clipped_policy_loss(logps, logps, torch.ones(4), r.completion_mask, ref_logps=ref_logps, beta=0.1)
+    assert stats["kl"] == 0.0
+    assert not torch.equal(bf16_logps, logps)                 # why the reference must not be pure bf16
+
+
+def test_token_logprobs_builds_no_kv_cache(tiny, monkeypatch):
+    model, tokenizer = tiny
+    seen = []
+    original = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda *a, **k: seen.append(k.get("use_cache")) or original(*a, **k))
+    r = rollout.generate(model, tokenizer, ["1+2="], 2, rollout.SamplingConfig(max_new_tokens=4, do_sample=False))
+    seen.clear()
+    rollout.token_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask)
+    assert seen == [False]
+
+
+class GraphCounter:
+    """A torch.compile backend that records each graph it is given and runs it as traced (no codegen)."""
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs.append(tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)))
+        return graph_module.forward
+
+
+def test_compiled_engine_compiles_once_per_bucket_over_20_rollouts(tiny):
+    """RL prompts change width every step: 20 rollouts over widths 4..40 must compile once per
+    (batch, cache length) bucket, and padding into buckets must not change any greedy token."""
+    torch._dynamo.reset()
+    model, tokenizer = tiny
+    counter = GraphCounter()
+    engine = rollout.FastGenerator(model, compile=True, backend=counter, max_cached_shapes=4)
+    eager = rollout.FastGenerator(model)                                   # exact shapes, no padding, no compile
+    sampling = rollout.SamplingConfig(max_new_tokens=8, do_sample=False)
+    rng = random.Random(0)
+    for _ in range(20):
+        prompts = ["+".join(str(rng.randrange(10 ** rng.randint(1, 3))) for _ in range(rng.randint(1, 6))) + "="
+                   for _ in range(rng.randint(2, 3))]
+        compiled = rollout.generate(model, tokenizer, prompts, 2, sampling, engine=engine)
+        reference = rollout.generate(model, tokenizer, prompts, 2, sampling, engine=eager)
+        assert torch.equal(compiled.completion_ids, reference.completion_ids)
+        assert compiled.completions == reference.completions
+    buckets = engine.compiled_shapes
+    assert {batch for batch, _ in buckets} <= {4, 8}                      # 4 or 6 rows → 4 or 8
+    assert {length - 8 for _, length in buckets} <= {64}                  # every width ≤ 64 → one prompt bucket
+    graphs_per_compile = len(counter.graphs) / max(len(set(counter.graphs)), 1)
+    assert len(set(counter.graphs)) <= len(buckets) * graphs_per_compile  # no shape compiled twice
+    assert len(counter.graphs) == len(set(counter.graphs))
+    assert engine.eager_fallbacks == 0 and len(buckets) <= 2
+
+
+def test_compiled_engine_reuses_one_cache_per_bucket(tiny):
+    model, tokenizer = tiny
+    engine = rollout.FastGenerator(model, compile=True, backend=GraphCounter())
+    sampling = rollout.SamplingConfig(max_new_tokens=4, do_sample=False)
+    rollout.generate(model, tokenizer, ["1+2=", "3+4="], 2, sampling, engine=engine)
+    (key, cache), = engine._caches.items()
+    rollout.generate(model, tokenizer, ["12+345=", "6+7="], 2, sampling, engine=engine)   # other width, same bucket
+    assert list(engine._caches.items()) == [(key, cache)]                 # the same object: reset, not rebuilt
+    engine.release()
+    assert not engine._caches
+
+
+def test_compiled_engine_fallback_to_eager_is_visible(tiny, monkeypatch):
+    torch._dynamo.reset()
+    model, tokenizer = tiny
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    engine = rollout.FastGenerator(model, compile=True, backend=GraphCounter())
+    sampling = rollout.SamplingConfig(max_new_tokens=4, do_sample=False)
+    rollout.generate(model, tokenizer, ["1+2="], 2, sampling, engine=engine)            # bucket (2, 68)
+    with pytest.warns(UserWarning, match="recompile limit"):
+        rollout.generate(model, tokenizer, ["1+2=", "3+4=", "5+6="], 2, sampling, engine=engine)   # (8, 68)
+    assert engine.eager_fallbacks == 1
+
+
+def test_mini_batches_are_exactly_as_many_as_asked_and_lr_is_this_steps(tiny_model_dir, tmp_path):
+    """6 rows in 4 mini-batches: torch.chunk would give 3; the logged lr is the rate the step used."""
+    import train
+    train.main(tiny_args(tiny_model_dir, tmp_path / "run", "--prompts_per_step", "3", "--group_size", "2",
+                         "--mini_batches", "4", "--num_steps", "2", "--warmup_steps", "4", "--eval_benchmark", "none"))
+    steps = [m for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward" in m]
+    assert [m["optimizer_steps"] for m in steps] == [4, 4]
+    assert [m["lr"] for m in steps] == pytest.approx([1e-3 / 4, 2e-3 / 4])   # warm-up factors 1/4, 2/4
+
+
+def test_train_logs_the_sampler_gap_with_the_fast_engine(tiny_model_dir, tmp_path):
+    import train
+    train.main(tiny_args(tiny_model_dir, tmp_path / "run", "--rollout_engine", "fast", "--tis_cap", "2",
+                         "--eval_benchmark", "none"))
+    steps = [m for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward" in m]
+    for m in steps:   # on CPU the engine samples from the float32 policy itself: the gap is rounding only
+        assert 0.0 <= m["sampling/logp_gap_mean"] <= m["sampling/logp_gap_max"] < 1e-3
+        assert m["sampling/tis_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+        assert m["sampling/eager_fallbacks"] == 0
+
+
+def test_eval_of_a_run_folder_uses_the_runs_settings(tiny_model_dir, tmp_path, capsys):
+    """runs/X/final is evaluated as training evaluated it: the run's template mode and budget, greedy."""
+    import shutil
+    import eval as evaluation
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "final")
+    (run / "config.json").write_text(json.dumps({"algo": "lampo", "group_size": 8, "model": "Qwen/Qwen3-1.7B",
+                                                 "enable_thinking": False, "max_new_tokens": 9,
+                                                 "eval_max_new_tokens": 3}))
+    summary = evaluation.main(["--model", str(run / "final"), "--benchmark", "toy", "--limit", "3"])
+    assert summary["settings"]["max_new_tokens"] == 3 and summary["settings"]["greedy"]
+    assert summary["settings"]["enable_thinking"] is False
+    assert summary["settings"]["defaults_from"] == "training run"
+    err = capsys.readouterr().err
+    assert "settings" in err and "hit max_new_tokens=3" in err                 # 3 tokens cannot finish an addition
+    plain = evaluation.main(["--model", tiny_model_dir, "--benchmark", "toy", "--limit", "3"])
+    assert plain["settings"]["defaults_from"] == "model family" and plain["settings"]["max_new_tokens"] == 48
+
+
+# ===================================================================================================
 # 6. Evaluation
 # ===================================================================================================
 def test_bench_tiny_reports_every_phase(capsys):

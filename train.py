@@ -72,6 +72,9 @@ class Config:
     aggregation: str = option("token-mean", "loss aggregation: token-mean (DAPO) | seq-mean (GRPO) | fixed-length (Dr. GRPO)")
     rouge_weight: float = option(0.1, "α in r = accuracy + α·ROUGE-L-F(completion, reference solution); 0 disables")
     mask_truncated: bool = option(False, "drop completions cut off by max_new_tokens from the loss (DAPO's overlong filter)")
+    tis_cap: float = option(0.0, "truncated importance sampling: weight each token's policy-gradient term by "
+                                 "min(π_old / π_sampler, C) with C = this cap, for the gap between the fast engine's "
+                                 "bf16 sampler and the float32 π_old (as TRL/verl do for vLLM); 0 = off")
     # sampling
     group_size: int = option(8, "G, completions per prompt (≥ 2)")
     prompts_per_step: int = option(None, "prompts per step (preset: 16 toy, 32 LLM)")
@@ -166,6 +169,8 @@ def check_config(config: Config) -> None:
         raise ConfigError("--temperature must be > 0 for training (RL needs sampled completions)")
     if not config.tau > 0:
         raise ConfigError("--tau must be > 0 (use inf for RLOO)")
+    if config.tis_cap < 0 or config.tis_cap != config.tis_cap:
+        raise ConfigError(f"--tis_cap must be >= 0 (0 = off), got {config.tis_cap}")
     check_model_name(config.model)
     for name in ("data_file", "eval_data_file"):
         if getattr(config, name) and not os.path.isfile(getattr(config, name)):
@@ -264,7 +269,8 @@ def memory_estimate_gib(policy, config: Config, has_reference: bool, on_gpu: boo
     """A rough budget printed at start, so a run that cannot fit says so before the first rollout.
 
     float32 master weights (4 B/param) + gradients (4) + AdamW moments (8); on GPU a bf16 copy for
-    generation (2) and a bf16 reference (2, when β > 0); the KV cache of one generation batch.
+    generation (2); a float32 reference (4, when β > 0: it must share the policy's numerics, see
+    make_reference); the KV cache of one generation batch.
     Activations depend on micro_batch_size and gradient checkpointing and are not included.
     """
     params = sum(p.numel() for p in policy.parameters())
@@ -273,7 +279,7 @@ def memory_estimate_gib(policy, config: Config, has_reference: bool, on_gpu: boo
     if on_gpu:
         estimate["generation_copy"] = params * 2 / gib
     if has_reference:
-        estimate["reference"] = params * (2 if on_gpu else 4) / gib
+        estimate["reference"] = params * 4 / gib
     model_config = policy.config
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
@@ -283,6 +289,60 @@ def memory_estimate_gib(policy, config: Config, has_reference: bool, on_gpu: boo
     estimate = {key: round(value, 2) if isinstance(value, float) else value for key, value in estimate.items()}
     estimate["total_gib_without_activations"] = round(sum(v for k, v in estimate.items() if k != "parameters_billion"), 1)
     return estimate
+
+
+_number = lambdapo._number          # a 0-d tensor as a float for logging (NaN on shape-only `meta` tensors)
+
+
+def make_reference(policy):
+    """A frozen copy of the starting policy for the KL penalty.
+
+    It stays in float32 and runs under the same autocast as the policy: the KL must be exactly 0 while
+    the weights are equal. (A pure-bf16 copy computes norms and softmaxes in bf16 and gives a KL > 0 at
+    step 0, a penalty on nothing but rounding.)
+    """
+    return copy.deepcopy(policy).requires_grad_(False).eval()
+
+
+def reward_tensors(scored: list[dict], group_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The verifier's Python floats as tensors on the policy's device, once per step:
+    (rewards (num_prompts, G), accuracy (B,), rouge (B,))."""
+    values = torch.tensor([[s["reward"], s["accuracy"], s["rouge"]] for s in scored], dtype=torch.float32)
+    values = values.to(device)                                                      # (B, 3)
+    return values[:, 0].view(-1, group_size), values[:, 1], values[:, 2]
+
+
+def sampler_gap(old_logps: torch.Tensor, sampling_logps: torch.Tensor | None, mask: torch.Tensor,
+                tis_cap: float) -> tuple[dict, torch.Tensor | None]:
+    """How far the sampler's log-probs are from π_old's on real tokens, and the TIS weights (or None).
+
+    The fast engine samples from a bf16 copy while π_old is the float32 policy under autocast: the samples
+    are very slightly off-policy for the ratio. `sampling/logp_gap_*` shows by how much; with tis_cap > 0
+    each token's policy-gradient term is weighted by min(exp(log π_old − log π_sampler), tis_cap).
+    """
+    if sampling_logps is None:                             # the plain engine samples from the policy itself
+        return {}, None
+    mask = mask.to(old_logps.dtype)
+    tokens = mask.sum().clamp_min(1.0)
+    gap = (old_logps - sampling_logps).abs() * mask                                 # (B, T), 0 off the mask
+    stats = {"sampling/logp_gap_mean": _number(gap.sum() / tokens), "sampling/logp_gap_max": _number(gap.max())}
+    if not tis_cap:
+        return stats, None
+    weights = torch.exp(old_logps - sampling_logps).clamp(max=tis_cap) * mask       # (B, T)
+    stats["sampling/tis_weight_mean"] = _number(weights.sum() / tokens)
+    return stats, weights
+
+
+def micro_batch_loss(config: "Config", logps, old_logps, advantages, loss_mask, full_mask, ref_logps=None,
+                     is_weights=None) -> tuple[torch.Tensor, float, dict]:
+    """The clipped loss of one micro-batch, scaled to its share of the mini-batch (global denominator).
+    Returns (scaled loss to backpropagate, scale, stats)."""
+    loss, stats = lambdapo.clipped_policy_loss(logps, old_logps, advantages, loss_mask, config.clip_low,
+                                               config.clip_high, ref_logps, config.beta, config.aggregation,
+                                               is_weights=is_weights)
+    scale = lambdapo.micro_batch_scale(loss_mask, full_mask, config.aggregation)
+    stats["loss"] = _number(loss)
+    return loss * scale, scale, stats
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -323,9 +383,8 @@ def train(config: Config) -> dict:
         enable_checkpointing(policy)
     reference = None
     if config.beta > 0:     # a frozen copy of the *starting* policy (on resume: initial/, not the checkpoint)
-        reference = load_model(str(out_dir / "initial"), device, torch.float32, config.trust_remote_code, log=log)[0] \
-            if checkpoint else copy.deepcopy(policy)
-        reference.requires_grad_(False).eval().to(autocast_dtype or torch.float32)   # bf16 on GPU: never trained
+        reference = make_reference(load_model(str(out_dir / "initial"), device, torch.float32,
+                                              config.trust_remote_code, log=log)[0] if checkpoint else policy)
     # Seed only now: whatever setup did (a warm start on a cold cache, weight initialisation before loading)
     # must not change the samples, so a run is the same whether or not its model was cached.
     random.seed(config.seed)
@@ -405,9 +464,7 @@ def train(config: Config) -> dict:
             scored = [rewards.reward(completion, batch[row // G]["answer"], batch[row // G].get("solution"),
                                      config.rouge_weight, batch[row // G].get("task", "math"))
                       for row, completion in enumerate(rollout.completions)]
-            reward_values = torch.tensor([s["reward"] for s in scored]).view(-1, G)     # (num_prompts, G)
-            accuracy = torch.tensor([s["accuracy"] for s in scored])                     # (B,)
-            rouge = torch.tensor([s["rouge"] for s in scored])                           # (B,)
+            reward_values, accuracy, rouge = reward_tensors(scored, G, device)           # (num_prompts, G), (B,), (B,)
             timings["time/reward"] = time.time() - tick
 
             # ======================================================================================
@@ -423,10 +480,11 @@ def train(config: Config) -> dict:
                                            config.micro_batch_size) if reference is not None else None
             seq_logps = lambdapo.sequence_scores(old_logps, completion_mask, config.seq_logp).view(-1, G)  # ℓ (num_prompts, G)
             advantages = lambdapo.compute_advantages(config.algo, reward_values, seq_logps, config.tau,
-                                                     scale_by_std).to(device)                             # (B,)
+                                                     scale_by_std)                                        # (B,)
             loss_mask = completion_mask.clone()                                           # (B, T)
             if config.mask_truncated:
                 loss_mask[rollout.truncated] = 0
+            gap_stats, is_weights = sampler_gap(old_logps, rollout.sampling_logps, completion_mask, config.tis_cap)
             timings["time/advantage"] = time.time() - tick
 
             # ======================================================================================
@@ -436,10 +494,12 @@ def train(config: Config) -> dict:
             policy.train()
             totals = {"clip_fraction": 0.0, "policy_kl": 0.0, "kl": 0.0, "loss": 0.0, "tokens": 0.0}
             grad_norms = []
+            learning_rate = optimizer.param_groups[0]["lr"]                # the rate this step's updates use
             B = input_ids.shape[0]
             for _ in range(config.epochs):
                 order = torch.randperm(B, generator=generator).to(device)     # mix groups across mini-batches
-                for mini_batch in order.chunk(config.mini_batches):
+                # tensor_split gives exactly `mini_batches` pieces (chunk may give fewer: 6 rows in 4 chunks is 3)
+                for mini_batch in order.tensor_split(config.mini_batches):
                     optimizer.zero_grad(set_to_none=True)
                     full_mask = loss_mask[mini_batch]
                     # Rows of similar length share micro-batches, so less padding is computed (the
@@ -449,17 +509,16 @@ def train(config: Config) -> dict:
                         with autocast():
                             logps = token_logprobs(policy, input_ids[micro], attention_mask[micro], completion_mask[micro],
                                                    config.temperature)
-                        loss, stats = lambdapo.clipped_policy_loss(
-                            logps, old_logps[micro], advantages[micro], loss_mask[micro], config.clip_low,
-                            config.clip_high, ref_logps[micro] if ref_logps is not None else None, config.beta,
-                            config.aggregation)
-                        scale = lambdapo.micro_batch_scale(loss_mask[micro], full_mask, config.aggregation)
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}")
-                        (loss * scale).backward()
+                        scaled_loss, scale, stats = micro_batch_loss(
+                            config, logps, old_logps[micro], advantages[micro], loss_mask[micro], full_mask,
+                            ref_logps[micro] if ref_logps is not None else None,
+                            is_weights[micro] if is_weights is not None else None)
+                        if not torch.isfinite(scaled_loss):
+                            raise FloatingPointError(f"non-finite loss ({stats['loss']}) at step {step}")
+                        scaled_loss.backward()
                         tokens = float(loss_mask[micro].sum())
                         totals["tokens"] += tokens
-                        totals["loss"] += loss.item() * scale
+                        totals["loss"] += stats["loss"] * scale
                         for name in ("clip_fraction", "policy_kl", "kl"):
                             totals[name] += stats.get(name, 0.0) * tokens
                     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
@@ -479,7 +538,7 @@ def train(config: Config) -> dict:
             lengths = rollout.completion_lengths.float()
             group_std = reward_values.std(dim=1)
             tokens = max(totals["tokens"], 1.0)
-            num_updates = config.epochs * config.mini_batches
+            num_updates = len(grad_norms)                              # optimizer steps actually taken
             metrics = {
                 "step": step,
                 "reward": reward_values.mean().item(), "reward_std": group_std.mean().item(),
@@ -492,8 +551,11 @@ def train(config: Config) -> dict:
                 "loss": totals["loss"] / num_updates, "clip_fraction": totals["clip_fraction"] / tokens,
                 "policy_kl": totals["policy_kl"] / tokens,
                 "entropy": ((entropy * completion_mask).sum() / completion_mask.sum().clamp_min(1)).item(),
-                "grad_norm": sum(grad_norms) / len(grad_norms), "lr": scheduler.get_last_lr()[0],
+                "grad_norm": sum(grad_norms) / len(grad_norms), "lr": learning_rate, "optimizer_steps": num_updates,
                 **({"kl": totals["kl"] / tokens} if reference is not None else {}),
+                **gap_stats,
+                **({"sampling/eager_fallbacks": engine.eager_fallbacks,
+                    "sampling/compiled_shapes": len(engine.compiled_shapes)} if engine is not None else {}),
             }
             if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
                 metrics.update(run_eval(step))
