@@ -3,8 +3,10 @@
     python bench.py --shape tiny                     # CPU, seconds (CI runs it)
     python bench.py --shape qwen3-1.7b               # GPU: Qwen3-1.7B's exact config, random weights
     python bench.py --model runs/demo/final          # any save_pretrained folder
-    python bench.py --shape qwen3-1.7b --save DIR    # write that random-weight model + a tokenizer, for
-                                                     # `train.py --model DIR` / `eval.py --model DIR` offline
+    python bench.py --shape qwen3-1.7b --save DIR --tokenizer TOK
+                                                     # write that random-weight model (bf16) with the tokenizer
+                                                     # folder TOK (else the toy one), for `train.py --model DIR`
+                                                     # / `eval.py --model DIR` offline
 
 What is measured (tokens are completion tokens unless named otherwise):
 - rollout/plain:  `model.generate` with sampling, every sequence forced to `max_new_tokens`.
@@ -15,6 +17,10 @@ What is measured (tokens are completion tokens unless named otherwise):
 - update:         forward + backward + AdamW step, float32 master weights, bf16 autocast on CUDA,
                   micro-batched, optional gradient checkpointing; tokens/s and model FLOP utilisation.
 - peak memory:    torch.cuda.max_memory_allocated (GPU) or the process's peak RSS (CPU).
+- checks (GPU):   the engine's sampling log-probs against token_logprobs of the float32 policy under bf16
+                  autocast (mean / max |Δ| over completion tokens: how off-policy the bf16 sampler is), and
+                  greedy agreement of the engine with `generate` (share of identical tokens before the first
+                  divergence; bf16 near-ties legitimately flip).
 One JSON object is printed on the last line of stdout; nothing is cached, every number is measured now.
 """
 
@@ -35,21 +41,22 @@ QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, n
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                   rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=151645,
                   pad_token_id=151643, bos_token_id=151643)
+QWEN3_4B = dict(QWEN3_1_7B, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32)
+SHAPES = {"qwen3-1.7b": QWEN3_1_7B, "qwen3-4b": QWEN3_4B}
 
 
-def build(shape: str, model_path: str | None, device: torch.device):
-    """(model in float32, tokenizer or None, label)."""
-    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+def build(shape: str, model_path: str | None, device: torch.device, tokenizer_path: str | None = None):
+    """(model in float32, tokenizer, label)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
     if model_path:
-        from transformers import AutoTokenizer
         return (AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device),
                 AutoTokenizer.from_pretrained(model_path), model_path)
-    tokenizer = toy.build_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path) if tokenizer_path else toy.build_tokenizer()
     if shape == "tiny":
         return toy.build_model(tokenizer).to(device), tokenizer, "tiny"
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_1_7B)).float()
+        model = Qwen3ForCausalLM(Qwen3Config(**SHAPES[shape])).float()
     return model, tokenizer, shape
 
 
@@ -72,9 +79,34 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20      # KiB on Linux
 
 
+@torch.no_grad()
+def engine_checks(model, generation_model, engine, prompts, prompt_mask, T) -> dict:
+    """Correctness of the fast path on this device: the bf16 sampler's log-probs against the float32 policy's
+    (what π_old is in train.py), and greedy tokens against `generate` on the same bf16 copy."""
+    B = prompts.shape[0]
+    torch.manual_seed(1)
+    ids, sampling_logps = engine.decode(prompts, prompt_mask, SamplingConfig(temperature=1.0, max_new_tokens=T),
+                                        eos_ids=[-1], pad_id=0)
+    mask = torch.ones_like(ids)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logps = token_logprobs(model, torch.cat([prompts, ids], 1), torch.cat([prompt_mask, mask], 1), mask, 1.0, 8)
+    gap = (logps - sampling_logps).abs()
+    rows, new = min(B, 16), min(T, 128)
+    greedy = SamplingConfig(do_sample=False, max_new_tokens=new)
+    fast, _ = engine.decode(prompts[:rows], prompt_mask[:rows], greedy, eos_ids=[-1], pad_id=0)
+    plain = generation_model.generate(input_ids=prompts[:rows], attention_mask=prompt_mask[:rows], do_sample=False,
+                                      max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+                                      eos_token_id=None)[:, prompts.shape[1]:]
+    differs = fast != plain                                                   # (rows, new)
+    first_divergence = torch.where(differs.any(1), differs.int().argmax(1), torch.full((rows,), new, device=differs.device))
+    return {"check_logp_gap_mean": round(gap.mean().item(), 5), "check_logp_gap_max": round(gap.max().item(), 4),
+            "check_greedy_rows_identical": f"{int((first_divergence == new).sum())}/{rows}",
+            "check_greedy_tokens_before_divergence": round(first_divergence.float().mean().item() / new, 3)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-1.7b"], help="built-in model shape (random weights)")
+    parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES], help="built-in model shape (random weights)")
     parser.add_argument("--model", default=None, help="measure this save_pretrained folder instead of a built-in shape")
     parser.add_argument("--num_sequences", type=int, default=None, help="completions per rollout (default 64 GPU, 16 CPU)")
     parser.add_argument("--prompt_len", type=int, default=None, help="prompt tokens (default 256 GPU, 16 CPU)")
@@ -86,18 +118,24 @@ def main(argv=None):
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="compile the fast engine's decode step (CUDA only)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--save", default=None, help="save the built model and tokenizer here and exit")
+    parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                        help="on GPU: sampler-vs-policy log-prob gap and greedy agreement with generate")
+    parser.add_argument("--save", default=None, help="save the built model (bf16) and tokenizer here and exit")
+    parser.add_argument("--tokenizer", default=None, help="with --save: a tokenizer folder to save with the model "
+                        "(e.g. the real Qwen3 tokenizer); default: the toy character tokenizer")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     B = args.num_sequences or (64 if on_gpu else 16)
     P = args.prompt_len or (256 if on_gpu else 16)
     T = args.max_new_tokens or (512 if on_gpu else 32)
-    model, tokenizer, label = build(args.shape, args.model, device)
+    model, tokenizer, label = build(args.shape, args.model, device, args.tokenizer)
     if args.save:
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        # The model's own EOS ids (Qwen3: <|im_end|> ends a chat turn) plus the tokenizer's.
+        eos = {tokenizer.eos_token_id, *([model.config.eos_token_id] if args.tokenizer else [])} - {None}
+        model.generation_config.eos_token_id = sorted(eos) if len(eos) > 1 else eos.pop()
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(args.save)
+        model.to(torch.bfloat16).save_pretrained(args.save)                   # half the disk; loaders pick their dtype
         tokenizer.save_pretrained(args.save)
         print(json.dumps({"saved": args.save, "parameters": sum(p.numel() for p in model.parameters())}))
         return
@@ -145,6 +183,8 @@ def main(argv=None):
     if "rollout_static_tokens_per_s" in result:
         result["rollout_fast_over_static"] = round(result["rollout_fast_tokens_per_s"] /
                                                    result["rollout_static_tokens_per_s"], 2)
+    if on_gpu and args.check:
+        result.update(engine_checks(model, generation_model, engine, prompts, prompt_mask, T))
     engine = None                                   # free the bf16 copy before the update
     if on_gpu:
         del generation_model

@@ -278,14 +278,15 @@ class FastGenerator:
         come from the mask, so extra left padding changes no token;
       - the batch is padded up to a power of two with copies of row 0, marked finished from the start;
       - one StaticCache per (batch, cache length) bucket is kept and `reset()` between calls, so its
-        tensors keep their addresses and a captured CUDA graph stays valid (at most `max_cached_shapes`
-        caches are kept; `release()` frees them all).
+        tensors keep their addresses and a captured CUDA graph stays valid. A cache is large (Qwen3-1.7B:
+        112 KiB per token, 21 GiB for 128 × 1,536), so by default only the last bucket's is kept
+        (`max_cached_shapes`); `release()` frees them all.
     A shape beyond the compile budget, or a compiler error, decodes eagerly: warned once and counted in
     `eager_fallbacks` (train.py logs it as `sampling/eager_fallbacks`).
     """
 
     def __init__(self, policy, compile: bool = False, check_every: int = 16, backend=None,
-                 min_prompt_bucket: int = 64, max_cached_shapes: int = 2):
+                 min_prompt_bucket: int = 64, max_cached_shapes: int = 1):
         import copy
         device = next(policy.parameters()).device
         self.policy = policy
