@@ -893,6 +893,50 @@ def test_eval_of_a_run_folder_uses_the_runs_settings(tiny_model_dir, tmp_path, c
     assert plain["settings"]["defaults_from"] == "model family" and plain["settings"]["max_new_tokens"] == 48
 
 
+def test_compare_runs_a_grid_resumes_and_reports_failures(tiny_model_dir, tmp_path, capsys):
+    """Two run strings and a bad one, through real train.py subprocesses; a second call skips what finished."""
+    import compare
+    out = tmp_path / "cmp"
+    common = tiny_args(tiny_model_dir, tmp_path / "unused", "--num_steps", "2", "--eval_every", "1")
+    common = [a for i, a in enumerate(common) if a != "--out_dir" and (i == 0 or common[i - 1] != "--out_dir")]
+    runs = ["lampo", "grpo --tau 0.5", "lampo --no_such_option 1"]
+    summary = compare.main(["--runs", *runs, "--seeds", "0", "--out_dir", str(out), "--threshold", "0.0", "--", *common])
+    assert list(summary) == runs
+    for run in runs[:2]:
+        entry = summary[run]
+        assert entry["seeds"] == [0] and entry["steps_to_threshold"] == [0]       # accuracy ≥ 0 from step 0
+        assert 0.0 <= entry["final_accuracy_mean"] <= 1.0 and entry["final_accuracy_std"] == 0.0
+        assert sorted(map(int, entry["curve"])) == [0, 1, 2]
+    assert summary["lampo"]["final_accuracy"] != {} and not summary["lampo"]["failed"]
+    bad = summary["lampo --no_such_option 1"]
+    assert bad["seeds"] == [] and "no_such_option" in bad["failed"][0]["error"]
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["grpo --tau 0.5"]["steps_to_threshold"] == [0]
+    assert (out / "summary.md").exists() and (out / "curves.png").exists()
+    config = json.loads((out / "grpo_tau_0.5" / "seed-0" / "config.json").read_text())
+    assert config["algo"] == "grpo" and config["tau"] == 0.5 and config["seed"] == 0
+    log = (out / "lampo" / "seed-0" / "train.log").read_text()
+    compare.main(["--runs", "lampo", "--seeds", "0", "--out_dir", str(out), "--", *common])
+    assert (out / "lampo" / "seed-0" / "train.log").read_text() == log           # finished: not run again
+
+
+def test_compare_aggregates_by_hand(tmp_path):
+    import compare
+    for seed, accs in [(0, [0.5, 0.7, 0.9]), (1, [0.5, 0.9, 0.8])]:
+        folder = tmp_path / "x" / f"seed-{seed}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": 10 * i, "eval/accuracy": a}) + "\n"
+                                                      for i, a in enumerate(accs)))
+    statuses = [{"run": "x", "seed": s, "folder": str(tmp_path / "x" / f"seed-{s}"), "returncode": 0,
+                 "wall_seconds": 10.0 + s, "error": None} for s in (0, 1)]
+    entry = compare.summarize(statuses, ["x"], [0, 1, 2], threshold=0.85)["x"]
+    assert entry["final_accuracy_mean"] == pytest.approx(0.85)
+    assert entry["final_accuracy_std"] == pytest.approx(statistics.stdev([0.9, 0.8]))
+    assert entry["steps_to_threshold"] == [20, 10, None]                          # seed 2 never ran
+    assert entry["auc_mean"] == pytest.approx(((0.5 + 0.7) / 2 + (0.7 + 0.9) / 2 + (0.5 + 0.9) / 2 + (0.9 + 0.8) / 2) / 4)
+    assert entry["curve"]["10"]["mean"] == pytest.approx(0.8) and entry["wall_seconds_mean"] == 10.5
+
+
 # ===================================================================================================
 # 6. Evaluation
 # ===================================================================================================
