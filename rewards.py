@@ -196,7 +196,8 @@ def _only_separators(between: str) -> bool:
 # "final answer to part (b) is"; bounded, so each anchor costs O(40) and a scan of the whole text stays linear.
 _FINAL_ANSWER = re.compile(r"\bfinal\s{1,3}answers?\b[^\n$]{0,40}?(?:\bis\b|\bare\b|:)", re.IGNORECASE)
 _ANSWER_IS = re.compile(r"\banswers?\b[^\n$]{0,20}?(?:\bis\b|\bare\b|:)", re.IGNORECASE)
-_ANSWER_LEAD = re.compile(r"[\s*:]{0,12}")  # between "is" and the answer: spaces, a colon, markdown bold
+_ANSWER_LEAD = re.compile(r"[\s*:\"']{0,12}")  # between "is" and the answer: spaces, a colon, **bold**, quotes
+_VERB = re.compile(r"\b(?:is|are|equals)\b")
 # A math span right after the anchor: $...$, $$...$$, \(...\), \[...\] (bounded, lazy: the first closing delimiter).
 _MATH_SPAN = re.compile(r"\$\$(.{1,300}?)\$\$|\$([^$\n]{1,300}?)\$|\\\((.{1,300}?)\\\)|\\\[(.{1,300}?)\\\]", re.DOTALL)
 _MATH_SPAN_START = re.compile(r"\$|\\[(\[]")
@@ -211,6 +212,24 @@ _DIGIT = re.compile(r"\d")
 _MATHY_START = re.compile(r"[-+\d.(\[\\]")  # what a plain-text answer that overrides a box must start with
 
 
+def _math_spans(text: str, i: int) -> list[str] | None:
+    """The math spans from position i on, joined by separators only ("$1$, $2$ and $3$" -> ["1", "2", "3"]);
+    None when no span starts at i."""
+    span = _MATH_SPAN.match(text, i)
+    if not span:
+        return None
+    answers = [next(group for group in span.groups() if group is not None)]
+    end = span.end()
+    while len(answers) <= MAX_PARTS:
+        start = _MATH_SPAN_START.search(text, end, end + MAX_SEPARATOR_CHARS + 1)
+        following = _MATH_SPAN.match(text, start.start()) if start else None
+        if not following or not _only_separators(text[end : start.start()]):
+            break
+        answers.append(next(group for group in following.groups() if group is not None))
+        end = following.end()
+    return [answer.strip() for answer in answers if answer.strip()]
+
+
 def _answer_sentence(text: str, anchor: re.Pattern, pos: int = 0, math_only: bool = False) -> list[str] | None:
     """What the last `anchor` sentence at or after `pos` states as the answer: its math spans joined by separators
     ("$k = 45$ and $n = 2$" -> ["k = 45", "n = 2"]), else its plain text up to the end of the sentence. [] when the
@@ -223,20 +242,20 @@ def _answer_sentence(text: str, anchor: re.Pattern, pos: int = 0, math_only: boo
     if found is None:
         return None
     i = _ANSWER_LEAD.match(text, found.end()).end()
-    span = _MATH_SPAN.match(text, i)
-    if span:
-        answers = [next(group for group in span.groups() if group is not None)]
-        end = span.end()
-        while len(answers) <= MAX_PARTS:  # "$1$, $2$ and $3$": more spans joined by separators only
-            start = _MATH_SPAN_START.search(text, end, end + MAX_SEPARATOR_CHARS + 1)
-            following = _MATH_SPAN.match(text, start.start()) if start else None
-            if not following or not _only_separators(text[end : start.start()]):
-                break
-            answers.append(next(group for group in following.groups() if group is not None))
-            end = following.end()
-        return [answer.strip() for answer in answers if answer.strip()]
+    spans = _math_spans(text, i)
+    if spans is not None:
+        return spans
     stop = _SENTENCE_END.search(text, i, i + SENTENCE_CHARS)
-    plain = text[i : stop.start() if stop else i + SENTENCE_CHARS].strip().strip("*").strip()
+    end = stop.start() if stop else min(len(text), i + SENTENCE_CHARS)
+    # "Final Answer: The largest $n$ is 34.": a sentence that opens with prose states its answer after its first
+    # "is" (the first: in "the answer is 4 because 2 + 3 is 5" the answer is 4, and the prose after it is caught below).
+    verb = _VERB.search(text, i, end) if _PROSE_WORD.match(text, i) else None
+    if verb:
+        i = _ANSWER_LEAD.match(text, verb.end(), end).end()
+        spans = _math_spans(text, i)
+        if spans is not None:
+            return spans
+    plain = text[i:end].strip().strip("*").strip()
     word = _PROSE_WORD.search(plain)
     if word:
         if _DIGIT.search(plain, word.start()):  # "4 because 2 + 3 = 5", "3, but it could be 4": not one answer
@@ -430,9 +449,9 @@ _EDGE_SPACING = re.compile(r"^(?:\s|\\q?quad(?![A-Za-z])|\\[,;:! ]|\$)+|(?:\s|\\
 # A hedge inside one part, "3 (or maybe 4)": math-verify would read the last number. Never an answer of ours,
 # unless the gold itself says "or".
 _HEDGE_WORD = re.compile(r"(?<![A-Za-z\\])(?:or|maybe|perhaps|possibly)(?![A-Za-z])", re.IGNORECASE)
-# "k = 45", "x_2 = 3", "AB=9": a part that names what it is.
 # A single gold that is itself a collection: "\pm 2", "\{1, 2\}".
 _GOLD_COLLECTION = re.compile(r"\\pm|\\mp|\\\{")
+# "k = 45", "x_2 = 3", "AB=9": a part that names what it is.
 _LABEL = re.compile(r"\s*(?:[A-Za-z]{1,2}|\\[A-Za-z]{2,6})(?:_\{?\w{1,3}\}?)?\s{0,3}=(?!=)")
 
 
@@ -481,6 +500,28 @@ def _split_parts(answer: str) -> list[str]:
     return [part for part in parts if part]
 
 
+_SET_LITERAL = re.compile(r"\s*(?:\\left\s*)?\\?\{(.*?)(?:\\right\s*)?\\?\}\s*", re.DOTALL)
+
+
+def _set_elements(answer: str) -> list[str] | None:
+    r"""The elements of an answer written as one set literal ("\{1, 2\}", "\left\{ 1, 2 \right\}", "{1,2}"),
+    else None. The outer braces must be one pair: "\{1\} \cup \{2\}" is not a set literal.
+
+    >>> _set_elements(r"\left\{ 1, 2 \right\}"), _set_elements(r"\{1\} \cup \{2\}"), _set_elements("{1,2,3}")
+    (['1', '2'], None, ['1', '2', '3'])
+    """
+    literal = _SET_LITERAL.fullmatch(answer)
+    if not literal:
+        return None
+    depth = 0
+    for brace in re.findall(r"[{}]", literal.group(1)):  # "\{" and "\}" count too: they nest the same way
+        depth += 1 if brace == "{" else -1
+        if depth < 0:
+            return None
+    parts = _split_parts(literal.group(1)) if depth == 0 else []
+    return parts if len(parts) > 1 else None
+
+
 def _same(pred: str, gold: str) -> bool:
     """One answer against one gold answer: the textual fast path, else sympy through math_verify."""
     pred = pred.strip()
@@ -517,6 +558,8 @@ def _answer_matches(answers: list[str], gold: str) -> bool:
     if not _HEDGE_WORD.search(gold) and any(_HEDGE_WORD.search(part) for part in parts):
         return False
     gold_parts = _split_parts(gold) or [gold]
+    if len(gold_parts) == 1:  # a gold written as a set, "\{1, 2, 3\}": its elements are its parts
+        gold_parts = _set_elements(gold) or gold_parts
     repeated = len({_normalize(part) for part in gold_parts}) < len(gold_parts)
     if not repeated and (len(answers) == 1 or len(parts) == 1):
         if _same(answers[0] if len(answers) == 1 else parts[0], gold):
@@ -553,7 +596,6 @@ def _answer_matches(answers: list[str], gold: str) -> bool:
     )
 
 
-
 def _is_correct(completion: str, answer: str) -> bool:
     if not isinstance(completion, str) or answer is None:
         return False
@@ -570,6 +612,10 @@ def _is_correct(completion: str, answer: str) -> bool:
     # as a decimal point ("14/3." -> 14/3.0, which sympy refuses to equate with 14/3).
     tail = text[-FALLBACK_TAIL_CHARS:].rstrip().rstrip(".")
     if _is_explosive(tail):
+        return False
+    # math_verify would read the last number of "so it is 3 or 4": for a single-valued gold, a hedge in the
+    # closing line is no answer.
+    if _HEDGE_WORD.search(tail[tail.rfind("\n") + 1 :]) and len(_split_parts(gold)) == 1:
         return False
     return _symbolically_equal(gold, tail)
 

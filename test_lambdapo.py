@@ -922,6 +922,8 @@ def test_rewards_final_answer_late_sentence_and_no_box():
         ("4", r"x = \boxed{3}, so y = \boxed{4}"),  # two statements: the last box
         ("5", r"Try \boxed{3}. That fails; after more work the answer is \boxed{5}."),  # an intermediate box
         ("3, 4", r"<think>\boxed{3}? or \boxed{5}?</think>The roots are \boxed{3} and \boxed{4}."),
+        ("34", "Final Answer: The largest $n$ is 34."),  # the answer after the sentence's "is"
+        (r"\{1, 2, 3\}", r"\boxed{1}, \boxed{2} and \boxed{3}"),  # a gold written as a set
     ],
 )
 def test_rewards_accuracy_multi_part_and_late_answers(answer, completion):
@@ -948,6 +950,8 @@ def test_rewards_accuracy_multi_part_and_late_answers(answer, completion):
         ("32349", r"\boxed{32, 349}"),  # a list, not digit grouping
         ("1000", r"\boxed{1}, \boxed{000}"),
         ("5", "The answer is 4 because 2 + 3 = 5."),  # math-verify alone would read the last 5
+        ("5", "Final Answer: The answer is 4 because 2 + 3 is 5."),
+        ("4", "I computed it: 3 or 4"),  # no box, no answer sentence, still a hedge
         ("5", r"<think>\boxed{5} and \boxed{5}</think>\boxed{6}"),
     ],
 )
