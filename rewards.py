@@ -167,7 +167,8 @@ def extract_boxed(text: str) -> str | None:
 #    math-verify, which ranks it below boxes.
 # 3. Without a box: the last "final answer is/:" sentence anywhere in the graded text, else the last "answer is/:"
 #    sentence (math-verify's order of priority), however long the text after it. Without either, grading falls back
-#    to math-verify on the last FALLBACK_TAIL_CHARS characters, as before.
+#    to math-verify on the last FALLBACK_TAIL_CHARS characters, as before (but a hedge in the closing line, "so it
+#    is 3 or 4", is no answer: math-verify would read its last number).
 
 # What may stand between two boxes of one statement. `_only_separators` deletes these tokens and checks that nothing
 # but whitespace is left; every quantifier is bounded and it never sees more than MAX_SEPARATOR_CHARS characters.
@@ -176,7 +177,8 @@ _SEPARATOR_TOKEN = re.compile(
     r"|\\[()\[\]]|\\\\|[{}$,;:&~*]"  # math delimiters, line breaks, the braces of \text{...}, punctuation, **bold**
     r"|\b(?:and|or|either|maybe|perhaps|possibly)\b"  # hedge words join too, so that a hedge is seen whole
     r"|(?:\bfor\s{1,3})?(?:\bpart\s{0,3})?\(\s{0,3}(?:[a-h]|[ivx]{1,4})\s{0,3}\)|\bpart\s{1,3}[a-h]\b"  # "for part (a)"
-    r"|(?<![\w\\])(?:[A-Za-z]{1,2}|\\[A-Za-z]{2,6})(?:_\{?\w{1,3}\}?)?\s{0,3}=(?!=)",  # a label: "y =", "x_2 =", "\theta ="
+    # a label: "y =", "x_2 =", "\theta ="
+    r"|(?<![\w\\])(?:[A-Za-z]{1,2}|\\[A-Za-z]{2,6})(?:_\{?\w{1,3}\}?)?\s{0,3}=(?!=)",
     re.IGNORECASE,
 )
 
@@ -621,13 +623,17 @@ def _is_correct(completion: str, answer: str) -> bool:
 
 
 def accuracy_reward(completion: str, answer: str) -> float:
-    """1.0 if the final answer of `completion` (after `</think>`, preferably its last `\\boxed{}`) is mathematically
-    equivalent to `answer`, else 0.0. Never raises; bounded time per call.
+    """1.0 if the final answer of `completion` (after `</think>`; see `final_answer`) is mathematically equivalent
+    to `answer`, else 0.0. Never raises; bounded time per call.
 
     >>> accuracy_reward(r"<think>hmm</think>So $x = \\boxed{\\dfrac{1}{2}}$.", "0.5")
     1.0
     >>> accuracy_reward(r"\\boxed{25}", "025"), accuracy_reward(r"\\boxed{24}", "025")
     (1.0, 0.0)
+    >>> accuracy_reward(r"$\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$", "3, 2, 1")  # one answer in three boxes
+    1.0
+    >>> accuracy_reward(r"\\boxed{4} or \\boxed{3}", "3")  # a hedge: wrong, as \\boxed{3, 4} is
+    0.0
     """
     try:
         return 1.0 if _is_correct(completion, answer) else 0.0
