@@ -602,6 +602,9 @@ def _is_correct(completion: str, answer: str) -> bool:
     if not isinstance(completion, str) or answer is None:
         return False
     gold = str(answer).strip()[:MAX_GOLD_CHARS]  # str(): a dataset may store AIME answers as ints
+    # A sentence's period copied into the gold ("\begin{pmatrix} ... \end{pmatrix}.", 5 MATH train answers) is
+    # not part of it, and would make math_verify fall back to reading a lone "-1" out of the matrix.
+    gold = gold[:-1].rstrip() if gold.endswith(".") and not gold.endswith("..") else gold
     if not gold:
         return False  # nothing to compare with: never reward
     text = strip_thinking(completion)

@@ -952,6 +952,7 @@ def test_rewards_accuracy_multi_part_and_late_answers(answer, completion):
         ("5", "The answer is 4 because 2 + 3 = 5."),  # math-verify alone would read the last 5
         ("5", "Final Answer: The answer is 4 because 2 + 3 is 5."),
         ("4", "I computed it: 3 or 4"),  # no box, no answer sentence, still a hedge
+        (r"\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}.", r"\boxed{-1}"),  # a gold's stray period hid the matrix
         ("5", r"<think>\boxed{5} and \boxed{5}</think>\boxed{6}"),
     ],
 )
