@@ -120,12 +120,13 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
 
 
 def grade(completion: str, record: dict) -> tuple[float, str | None]:
-    """(correct, extracted answer) for one completion of one record."""
+    """(correct, extracted answer) for one completion of one record. The extracted answer is the one the grader
+    graded (several boxes of one final statement joined, a late "final answer is" sentence), not just the last box."""
     if record.get("task") == "multiple_choice":
         correct = rewards.multiple_choice_reward(completion, record["answer"])
     else:
         correct = rewards.accuracy_reward(completion, record["answer"])
-    return correct, rewards.extract_boxed(rewards.strip_thinking(completion))
+    return correct, rewards.final_answer(completion)
 
 
 def evaluate(model, tokenizer, records: list[dict], num_samples: int = 1, sampling: SamplingConfig | None = None,

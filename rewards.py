@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from fractions import Fraction
 from functools import lru_cache
 
@@ -36,11 +37,15 @@ from rouge_score import rouge_scorer, tokenizers
 # ---------------------------------------------------------------------------------------------------------------
 # Limits. They bound the time spent on one completion whatever the model writes.
 # ---------------------------------------------------------------------------------------------------------------
-MAX_ANSWER_CHARS = 300  # a boxed answer longer than this is not graded (longest MATH train answer: 159 chars)
+MAX_ANSWER_CHARS = 300  # a final answer longer than this (all its boxes together) is not graded (MATH train: 159)
 MAX_GOLD_CHARS = 1_000  # gold answers are trusted, but a cap costs nothing
-FALLBACK_TAIL_CHARS = 300  # without \boxed, math_verify looks for "the answer is ..." in this many final chars
+MAX_PARTS = 32  # a final answer of more parts is not graded (MATH train golds: 5 at most; "divisors of 360": 24)
+MAX_SEPARATOR_CHARS = 80  # two boxes further apart than this belong to two statements, never to one answer
+SENTENCE_CHARS = 150  # how much of "The final answer is ..." we read when it has no $...$
+FALLBACK_TAIL_CHARS = 300  # no box and no answer sentence: math_verify reads this many final chars
 PARSE_TIMEOUT_S = 3  # math_verify timeouts (whole seconds: they use signal.alarm, main thread only)
 VERIFY_TIMEOUT_S = 3
+GRADE_BUDGET_S = PARSE_TIMEOUT_S + VERIFY_TIMEOUT_S  # a multi-part answer: all its comparisons together
 # ROUGE-L is an O(n·m) dynamic programme in pure Python (rouge-score): 1,000 x 1,000 tokens take ~0.2 s,
 # 2,000 x 2,000 ~0.75 s. 1,000 of our tokens cover ~99% of MATH train reference solutions (median 160).
 ROUGE_MAX_TOKENS = 1_000
@@ -81,16 +86,17 @@ _SPACES = re.compile(r"\s*")
 _BARE_TOKEN = re.compile(r"[^\s$]+")  # `\boxed 5$`: the token after `\boxed `, up to a space or a `$`
 
 
-def _last_boxed(text: str) -> tuple[int, str] | None:
-    """(start position, content) of the last complete box in `text`, or None. See `extract_boxed`.
+def _boxes_backwards(text: str):
+    """Yield (start, end, content) of every complete box in `text`, from the last box command to the first.
 
     Linear time: one pass matches every brace with an explicit stack (no recursion, so deep nesting is fine), then
     the box commands are tried from the last one backwards, each in O(1) (plus its own leading whitespace).
-    Trying each `\\boxed{` with its own forward scan would be quadratic on "\\boxed{" * 100_000.
+    Trying each `\\boxed{` with its own forward scan would be quadratic on "\\boxed{" * 100_000. A generator, so
+    that a caller who needs only the last box (or the last few) does no more than that.
     """
     commands = list(_BOX_COMMAND.finditer(text))
     if not commands:
-        return None
+        return
     close_of: dict[int, int] = {}  # position of "{" -> position of its matching "}"
     open_braces: list[int] = []
     # Braces before the first box cannot be the start of a box's group; a stray "}" with an empty stack closes
@@ -106,12 +112,18 @@ def _last_boxed(text: str) -> tuple[int, str] | None:
         if i < len(text) and text[i] == "{":
             close = close_of.get(i)
             if close is not None:
-                return command.start(), text[i + 1 : close]
+                yield command.start(), close + 1, text[i + 1 : close]
         elif after < i < len(text) and text[i] != "\\":  # "\boxed 5": whitespace, then a bare token
             token = _BARE_TOKEN.match(text, i)
             content = token.group().rstrip(".,;:") if token else ""
             if content:
-                return command.start(), content
+                yield command.start(), i + len(content), content
+
+
+def _last_boxed(text: str) -> tuple[int, str] | None:
+    """(start position, content) of the last complete box in `text`, or None. See `extract_boxed`."""
+    for start, _, content in _boxes_backwards(text):
+        return start, content
     return None
 
 
@@ -133,6 +145,176 @@ def extract_boxed(text: str) -> str | None:
         return None
     found = _last_boxed(text)
     return None if found is None else found[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What is the final answer? (several boxes, late answer sentences)
+# ---------------------------------------------------------------------------------------------------------------
+# `extract_boxed` keeps its one rule, the last box: that is what a dataset's reference solution needs. Grading a
+# model needs three more. Each follows math-verify (the field's grader; read in math_verify 0.9.0's parser.py and
+# latex2sympy2_extended's `extract_boxed_content`), except where its convention would accept a wrong answer:
+#
+# 1. Several boxes in one final statement are ONE answer: "$\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}$"
+#    answers "(2, 2), (6, 2)". math-verify joins a box to the next one when fewer than 10 characters of anything, or
+#    fewer than 70 with a comma, ";", "and" or "or" among them, stand between. We join only when EVERY character
+#    between is a separator (`_SEPARATOR_TOKEN`): "x = \boxed{3}, so y = \boxed{4}" is a result and then another
+#    result, not a two-part answer. Like math-verify, the joined boxes form a collection and "or" joins too, so that
+#    "\boxed{3} or \boxed{4}" is the two-valued answer {3, 4}: right for gold "3, 4", a hedge (wrong) for gold "3".
+# 2. An explicit "final answer" sentence after the last box overrides it ("\boxed{200} ... \boxed{255} ... Final
+#    Answer: The final answer is $10,455$."). math-verify gives "final answer ... is" the same priority as a box and
+#    takes the rightmost; we do the same, only when the sentence states something that looks like math ("The final
+#    answer is boxed above." leaves the box standing). A bare "answer:" after a box does not override it, as in
+#    math-verify, which ranks it below boxes.
+# 3. Without a box: the last "final answer is/:" sentence anywhere in the graded text, else the last "answer is/:"
+#    sentence (math-verify's order of priority), however long the text after it. Without either, grading falls back
+#    to math-verify on the last FALLBACK_TAIL_CHARS characters, as before (but a hedge in the closing line, "so it
+#    is 3 or 4", is no answer: math-verify would read its last number).
+
+# What may stand between two boxes of one statement. `_only_separators` deletes these tokens and checks that nothing
+# but whitespace is left; every quantifier is bounded and it never sees more than MAX_SEPARATOR_CHARS characters.
+_SEPARATOR_TOKEN = re.compile(
+    r"\\(?:q?quad|text|textbf|textrm|textit|mathrm|mbox)(?![A-Za-z])|\\[,;:! ]"  # spacing and text commands
+    r"|\\[()\[\]]|\\\\|[{}$,;:&~*]"  # math delimiters, line breaks, the braces of \text{...}, punctuation, **bold**
+    r"|\b(?:and|or|either|maybe|perhaps|possibly)\b"  # hedge words join too, so that a hedge is seen whole
+    r"|(?:\bfor\s{1,3})?(?:\bpart\s{0,3})?\(\s{0,3}(?:[a-h]|[ivx]{1,4})\s{0,3}\)|\bpart\s{1,3}[a-h]\b"  # "for part (a)"
+    # a label: "y =", "x_2 =", "\theta ="
+    r"|(?<![\w\\])(?:[A-Za-z]{1,2}|\\[A-Za-z]{2,6})(?:_\{?\w{1,3}\}?)?\s{0,3}=(?!=)",
+    re.IGNORECASE,
+)
+
+
+def _only_separators(between: str) -> bool:
+    r"""True when `between` (the text between two boxes) holds nothing but separators and short labels.
+
+    >>> _only_separators(r"} \quad \text{and} \quad $$ $$"), _only_separators(r"$ for part (a) and $y_2 = ")
+    (True, True)
+    >>> _only_separators(", so y = "), _only_separators(". Then we add ")
+    (False, False)
+    """
+    return len(between) <= MAX_SEPARATOR_CHARS and not _SEPARATOR_TOKEN.sub("", between).strip()
+
+
+# "The final answer is $10,455$", "**Final Answer:** 7", "the answers are $1$ and $2$". The `{0,40}?` gap admits
+# "final answer to part (b) is"; bounded, so each anchor costs O(40) and a scan of the whole text stays linear.
+_FINAL_ANSWER = re.compile(r"\bfinal\s{1,3}answers?\b[^\n$]{0,40}?(?:\bis\b|\bare\b|:)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"\banswers?\b[^\n$]{0,20}?(?:\bis\b|\bare\b|:)", re.IGNORECASE)
+_ANSWER_LEAD = re.compile(r"[\s*:\"']{0,12}")  # between "is" and the answer: spaces, a colon, **bold**, quotes
+_VERB = re.compile(r"\b(?:is|are|equals)\b")
+# A math span right after the anchor: $...$, $$...$$, \(...\), \[...\] (bounded, lazy: the first closing delimiter).
+_MATH_SPAN = re.compile(r"\$\$(.{1,300}?)\$\$|\$([^$\n]{1,300}?)\$|\\\((.{1,300}?)\\\)|\\\[(.{1,300}?)\\\]", re.DOTALL)
+_MATH_SPAN_START = re.compile(r"\$|\\[(\[]")
+_SENTENCE_END = re.compile(r"\.(?!\d)|\n")  # a period that is not a decimal point, or a line break
+# The first word of prose in a plain-text answer ("5 apples", "4 because ..."): three letters or more, not a
+# command (\frac), not a function name (sqrt), not a separator or hedge word (those must stay visible).
+_PROSE_WORD = re.compile(
+    r"(?<![\\A-Za-z])(?!(?:and|sqrt|sin|cos|tan|cot|sec|csc|log|exp|mod|infty|either|maybe|perhaps|possibly)"
+    r"(?![A-Za-z]))[A-Za-z]{3,}"
+)
+_DIGIT = re.compile(r"\d")
+_MATHY_START = re.compile(r"[-+\d.(\[\\]")  # what a plain-text answer that overrides a box must start with
+
+
+def _math_spans(text: str, i: int) -> list[str] | None:
+    """The math spans from position i on, joined by separators only ("$1$, $2$ and $3$" -> ["1", "2", "3"]);
+    None when no span starts at i."""
+    span = _MATH_SPAN.match(text, i)
+    if not span:
+        return None
+    answers = [next(group for group in span.groups() if group is not None)]
+    end = span.end()
+    while len(answers) <= MAX_PARTS:
+        start = _MATH_SPAN_START.search(text, end, end + MAX_SEPARATOR_CHARS + 1)
+        following = _MATH_SPAN.match(text, start.start()) if start else None
+        if not following or not _only_separators(text[end : start.start()]):
+            break
+        answers.append(next(group for group in following.groups() if group is not None))
+        end = following.end()
+    return [answer.strip() for answer in answers if answer.strip()]
+
+
+def _answer_sentence(text: str, anchor: re.Pattern, pos: int = 0, math_only: bool = False) -> list[str] | None:
+    """What the last `anchor` sentence at or after `pos` states as the answer: its math spans joined by separators
+    ("$k = 45$ and $n = 2$" -> ["k = 45", "n = 2"]), else its plain text up to the end of the sentence. [] when the
+    sentence is there but states nothing gradable; None when there is no such sentence (or, with `math_only`, when
+    it states no math).
+    """
+    found = None
+    for found in anchor.finditer(text, pos):  # one linear scan; the last one wins
+        pass
+    if found is None:
+        return None
+    i = _ANSWER_LEAD.match(text, found.end()).end()
+    spans = _math_spans(text, i)
+    if spans is not None:
+        return spans
+    stop = _SENTENCE_END.search(text, i, i + SENTENCE_CHARS)
+    end = stop.start() if stop else min(len(text), i + SENTENCE_CHARS)
+    # "Final Answer: The largest $n$ is 34.": a sentence that opens with prose states its answer after its first
+    # "is" (the first: in "the answer is 4 because 2 + 3 is 5" the answer is 4, and the prose after it is caught below).
+    verb = _VERB.search(text, i, end) if _PROSE_WORD.match(text, i) else None
+    if verb:
+        i = _ANSWER_LEAD.match(text, verb.end(), end).end()
+        spans = _math_spans(text, i)
+        if spans is not None:
+            return spans
+    plain = text[i:end].strip().strip("*").strip()
+    word = _PROSE_WORD.search(plain)
+    if word:
+        if _DIGIT.search(plain, word.start()):  # "4 because 2 + 3 = 5", "3, but it could be 4": not one answer
+            return None if math_only else []
+        plain = plain[: word.start()] or word.group()  # "5 apples" -> "5"; "Evelyn" stays "Evelyn"
+    plain = plain.rstrip(" ,;:")
+    if math_only and not _MATHY_START.match(plain):
+        return None
+    return [plain] if plain else []
+
+
+def _final_answers(text: str) -> list[str] | None:
+    """The final answer of the graded text, as what the model wrote for it (one string per box or per math span);
+    [] when it states an answer that cannot be graded; None when it commits to no answer (see the rules above)."""
+    boxes = _boxes_backwards(text)
+    last = next(boxes, None)
+    if last is None:
+        for anchor in (_FINAL_ANSWER, _ANSWER_IS):
+            answers = _answer_sentence(text, anchor)
+            if answers is not None:
+                return answers
+        return None
+    start, end, content = last
+    late = _answer_sentence(text, _FINAL_ANSWER, pos=end, math_only=True)
+    if late:
+        return late
+    answers = [content]
+    for box_start, box_end, box_content in boxes:  # backwards, while only separators stand between
+        if box_end > start or start - box_end > MAX_SEPARATOR_CHARS or len(answers) > MAX_PARTS:
+            break  # a box nested in the later one, a new statement, or more parts than any answer has
+        if not _only_separators(text[box_end:start]):
+            break
+        answers.append(box_content)
+        start = box_start
+    return answers[::-1]
+
+
+def final_answer(completion: str) -> str | None:
+    r"""The final answer that `accuracy_reward` grades: the boxes of the final statement (several boxes joined by
+    separators are one answer), an explicit "final answer" sentence after the last box, or without any box the last
+    answer sentence. Only the text after `</think>` counts. None when the completion states no answer this way
+    (`accuracy_reward` then lets math-verify read the last FALLBACK_TAIL_CHARS characters, as it always did).
+
+    >>> final_answer(r"so $$\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}$$")
+    '(2, 2), (6, 2)'
+    >>> final_answer(r"First \boxed{200}, then more work: \boxed{255}. Final Answer: The final answer is $10,455$.")
+    '10,455'
+    >>> final_answer(r"<think>\boxed{3}?</think>x = \boxed{3}, so y = \boxed{4}.")
+    '4'
+    >>> final_answer("The final answer is $14,916$. Note: " + "a long note. " * 50)
+    '14,916'
+    """
+    try:
+        answers = _final_answers(strip_thinking(completion))
+        return ", ".join(answers) if answers else None
+    except Exception:  # total, like every public function here
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,6 +363,8 @@ def _quick_verdict(pred: str, gold: str) -> bool | None:
 
     Returns None when only a symbolic check can tell ("\\frac12" vs "0.5", "3\\sqrt2" vs "\\sqrt{18}").
     """
+    if len(_split_parts(pred)) != len(_split_parts(gold)):  # "32, 349" is a list, "32,349" a number: no shortcut
+        return None
     p, g = _normalize(pred), _normalize(gold)
     if p == g:
         return True
@@ -253,42 +437,206 @@ def _symbolically_equal(gold: str, pred_text: str) -> bool:
     return bool(verify(list(gold_parsed), pred_parsed, timeout_seconds=verify_timeout))
 
 
+# ---- one answer in several parts ----------------------------------------------------------------------------
+# A separator written as text inside an answer: "2, 3, \text{ and } 4", "6, 8\text{, and }10".
+_WRAPPED_SEPARATOR = re.compile(
+    r"\\(?:text|textbf|textrm|textit|mathrm|mbox)\s{0,3}\{\s{0,5}(?:,\s{0,5}(?:and|or)?|and|or)\s{0,5}\}", re.IGNORECASE
+)
+_CONJUNCTION = re.compile(r"(?:and|or)(?![A-Za-z])", re.IGNORECASE)
+# Digit grouping is one number, not a list: "10,455", "1,\!000", "1{,}008{,}016", "14 {, }916" (math-verify's
+# convention too, which also reads "32, 349", with a space after the comma, as two numbers).
+_GROUPING_MARK = re.compile(r"\{\s{0,3},\s{0,3}\}|\\!\s{0,3}")
+_GROUPED_NUMBER = re.compile(r"\s*(?:\\?\$)?\s*[+-]?\d{1,3}(?: ?,\d{3})+(?:\.\d+)?\s*")
+_EDGE_SPACING = re.compile(r"^(?:\s|\\q?quad(?![A-Za-z])|\\[,;:! ]|\$)+|(?:\s|\\q?quad(?![A-Za-z])|\\[,;:! ]|\$)+$")
+# A hedge inside one part, "3 (or maybe 4)": math-verify would read the last number. Never an answer of ours,
+# unless the gold itself says "or".
+_HEDGE_WORD = re.compile(r"(?<![A-Za-z\\])(?:or|maybe|perhaps|possibly)(?![A-Za-z])", re.IGNORECASE)
+# A single gold that is itself a collection: "\pm 2", "\{1, 2\}".
+_GOLD_COLLECTION = re.compile(r"\\pm|\\mp|\\\{")
+# "k = 45", "x_2 = 3", "AB=9": a part that names what it is.
+_LABEL = re.compile(r"\s*(?:[A-Za-z]{1,2}|\\[A-Za-z]{2,6})(?:_\{?\w{1,3}\}?)?\s{0,3}=(?!=)")
+
+
+def _split_parts(answer: str) -> list[str]:
+    r"""The parts of one answer: split at top-level commas, semicolons, "and" and "or" (not inside (), [], {}).
+
+    A bare comma list is a collection, as in math-verify (which reads "\boxed{1, 2, 3}" as a set). An ordered
+    answer is written inside brackets ("(2, 2)", "[0, 1)"), and stays one part.
+
+    >>> _split_parts(r"(2, 2), (6, 2)"), _split_parts(r"2, 3, \text{ and } 4"), _split_parts(r"x = 1 or x = -1")
+    (['(2, 2)', '(6, 2)'], ['2', '3', '4'], ['x = 1', 'x = -1'])
+    >>> _split_parts(r"10,\!455"), _split_parts(r"[0, 1) \cup (2, 3]"), _split_parts(r"\{1, 2\}")
+    (['10,\\!455'], ['[0, 1) \\cup (2, 3]'], ['\\{1, 2\\}'])
+    """
+    text = _WRAPPED_SEPARATOR.sub(",", answer)
+    if _GROUPED_NUMBER.fullmatch(_GROUPING_MARK.sub(lambda m: "," if "," in m.group() else "", text)):
+        return [answer.strip()]
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(text):  # one pass; a depth counter, not a recursive parser
+        char = text[i]
+        if char == "\\":  # a command ("\cup", skipped whole so its letters are never "or") or an escape ("\{")
+            j = i + 1
+            while j < len(text) and text[j].isalpha():
+                j += 1
+            if j == i + 1 and j < len(text):  # an escaped character: "\{" and "\}" group like braces
+                depth = depth + 1 if text[j] == "{" else max(0, depth - 1) if text[j] == "}" else depth
+                j += 1
+            i = j
+            continue
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth = max(0, depth - 1)  # "[0, 1)": any closing bracket closes
+        elif depth == 0 and char in ",;":
+            parts.append(text[start:i])
+            start = i + 1
+        elif depth == 0 and char.isalpha() and (i == 0 or not text[i - 1].isalpha()):
+            conjunction = _CONJUNCTION.match(text, i)
+            if conjunction:
+                parts.append(text[start:i])
+                start = i = conjunction.end()
+                continue
+        i += 1
+    parts.append(text[start:])
+    parts = [_EDGE_SPACING.sub("", part).rstrip(".") for part in parts]
+    return [part for part in parts if part]
+
+
+_SET_LITERAL = re.compile(r"\s*(?:\\left\s*)?\\?\{(.*?)(?:\\right\s*)?\\?\}\s*", re.DOTALL)
+
+
+def _set_elements(answer: str) -> list[str] | None:
+    r"""The elements of an answer written as one set literal ("\{1, 2\}", "\left\{ 1, 2 \right\}", "{1,2}"),
+    else None. The outer braces must be one pair: "\{1\} \cup \{2\}" is not a set literal.
+
+    >>> _set_elements(r"\left\{ 1, 2 \right\}"), _set_elements(r"\{1\} \cup \{2\}"), _set_elements("{1,2,3}")
+    (['1', '2'], None, ['1', '2', '3'])
+    """
+    literal = _SET_LITERAL.fullmatch(answer)
+    if not literal:
+        return None
+    depth = 0
+    for brace in re.findall(r"[{}]", literal.group(1)):  # "\{" and "\}" count too: they nest the same way
+        depth += 1 if brace == "{" else -1
+        if depth < 0:
+            return None
+    parts = _split_parts(literal.group(1)) if depth == 0 else []
+    return parts if len(parts) > 1 else None
+
+
+def _same(pred: str, gold: str) -> bool:
+    """One answer against one gold answer: the textual fast path, else sympy through math_verify."""
+    pred = pred.strip()
+    if not pred or len(pred) > MAX_ANSWER_CHARS:
+        return False
+    verdict = _quick_verdict(pred, gold)
+    if verdict is not None:
+        return verdict
+    if _is_explosive(pred):
+        return False
+    return _symbolically_equal(gold, "$\\boxed{" + _without_dollars(pred) + "}$")
+
+
+def _answer_matches(answers: list[str], gold: str) -> bool:
+    r"""Is the final answer (one string per box or math span, see `_final_answers`) equivalent to `gold`?
+
+    * One box, as always: the whole content against the whole gold (math-verify compares "\pm 2" with "2, -2").
+    * Parts (several boxes, or one box holding a list) against the gold's parts, as collections: each part must
+      equal some gold part and each gold part some part, in any order (a gold list is a set of solutions, as in
+      math-verify). A part that names a variable ("k = 45") may sit anywhere; a bare value against a named gold
+      part ("45" for "k = 45") only at that part's own position, since nothing else says which value is which.
+    * A single-valued gold accepts several parts only when every one of them equals it: the same answer boxed
+      twice, or in two forms ("-b+2, or 2 - b"). Two different candidates ("\boxed{3} or \boxed{4}" for 3) are a
+      hedge, wrong exactly as "\boxed{3, 4}" is. (math-verify agrees: {3, 4} is not 3.)
+    * A gold that repeats a part ("-1, 3, 3": a double root entered twice, as the problem asks) is a multiset:
+      the parts must match one to one. math-verify's sets would accept "-1, 3" here; we do not.
+    """
+    answers = [answer.strip() for answer in answers]
+    if not answers or sum(map(len, answers)) > MAX_ANSWER_CHARS:
+        return False
+    parts = [part for answer in answers for part in _split_parts(answer)]
+    if not parts or len(parts) > MAX_PARTS:
+        return False
+    if not _HEDGE_WORD.search(gold) and any(_HEDGE_WORD.search(part) for part in parts):
+        return False
+    gold_parts = _split_parts(gold) or [gold]
+    if len(gold_parts) == 1:  # a gold written as a set, "\{1, 2, 3\}": its elements are its parts
+        gold_parts = _set_elements(gold) or gold_parts
+    repeated = len({_normalize(part) for part in gold_parts}) < len(gold_parts)
+    if not repeated and (len(answers) == 1 or len(parts) == 1):
+        if _same(answers[0] if len(answers) == 1 else parts[0], gold):
+            return True
+    if len(parts) == 1 and len(gold_parts) == 1:
+        return False
+    deadline = time.monotonic() + GRADE_BUDGET_S  # a bound on all the comparisons below together
+    if len(gold_parts) == 1:  # restatements only
+        if all(time.monotonic() < deadline and _same(part, gold) for part in parts):
+            return True
+        # "\boxed{2} or \boxed{-2}" for gold "\pm 2": the gold is itself a collection, compare as one.
+        return bool(_GOLD_COLLECTION.search(gold)) and _same(", ".join(parts), gold)
+    cache: dict[tuple[int, int], bool] = {}
+
+    def equal(i: int, j: int) -> bool:
+        if i != j and _LABEL.match(gold_parts[j]) and not _LABEL.match(parts[i]):
+            return False
+        if (i, j) not in cache:
+            cache[i, j] = time.monotonic() < deadline and _same(parts[i], gold_parts[j])
+        return cache[i, j]
+
+    if repeated:  # one to one. Greedy is exact here: equivalence is transitive, so any free equal part will do.
+        if len(parts) != len(gold_parts):
+            return False
+        free = set(range(len(gold_parts)))
+        for i in range(len(parts)):
+            j = next((j for j in sorted(free) if equal(i, j)), None)
+            if j is None:
+                return False
+            free.remove(j)
+        return True
+    return all(any(equal(i, j) for j in range(len(gold_parts))) for i in range(len(parts))) and all(
+        any(equal(i, j) for i in range(len(parts))) for j in range(len(gold_parts))
+    )
+
+
 def _is_correct(completion: str, answer: str) -> bool:
     if not isinstance(completion, str) or answer is None:
         return False
     gold = str(answer).strip()[:MAX_GOLD_CHARS]  # str(): a dataset may store AIME answers as ints
+    # A sentence's period copied into the gold ("\begin{pmatrix} ... \end{pmatrix}.", 5 MATH train answers) is
+    # not part of it, and would make math_verify fall back to reading a lone "-1" out of the matrix.
+    gold = gold[:-1].rstrip() if gold.endswith(".") and not gold.endswith("..") else gold
     if not gold:
         return False  # nothing to compare with: never reward
     text = strip_thinking(completion)
     if not text.strip():
         return False
-    pred = extract_boxed(text)
-    if pred is not None:  # the model committed to an answer: grade exactly that
-        pred = pred.strip()
-        if not pred or len(pred) > MAX_ANSWER_CHARS:
-            return False
-        verdict = _quick_verdict(pred, gold)
-        if verdict is not None:
-            return verdict
-        if _is_explosive(pred):
-            return False
-        return _symbolically_equal(gold, "$\\boxed{" + _without_dollars(pred) + "}$")
-    # No box: let math_verify find "the answer is 5" / "$x = 5$" near the end. The trailing period would be read
+    answers = _final_answers(text)
+    if answers is not None:  # the model committed to an answer: grade exactly that
+        return _answer_matches(answers, gold)
+    # No box, no answer sentence: let math_verify find "$x = 5$" near the end. The trailing period would be read
     # as a decimal point ("14/3." -> 14/3.0, which sympy refuses to equate with 14/3).
     tail = text[-FALLBACK_TAIL_CHARS:].rstrip().rstrip(".")
     if _is_explosive(tail):
+        return False
+    # math_verify would read the last number of "so it is 3 or 4": for a single-valued gold, a hedge in the
+    # closing line is no answer.
+    if _HEDGE_WORD.search(tail[tail.rfind("\n") + 1 :]) and len(_split_parts(gold)) == 1:
         return False
     return _symbolically_equal(gold, tail)
 
 
 def accuracy_reward(completion: str, answer: str) -> float:
-    """1.0 if the final answer of `completion` (after `</think>`, preferably its last `\\boxed{}`) is mathematically
-    equivalent to `answer`, else 0.0. Never raises; bounded time per call.
+    """1.0 if the final answer of `completion` (after `</think>`; see `final_answer`) is mathematically equivalent
+    to `answer`, else 0.0. Never raises; bounded time per call.
 
     >>> accuracy_reward(r"<think>hmm</think>So $x = \\boxed{\\dfrac{1}{2}}$.", "0.5")
     1.0
     >>> accuracy_reward(r"\\boxed{25}", "025"), accuracy_reward(r"\\boxed{24}", "025")
     (1.0, 0.0)
+    >>> accuracy_reward(r"$\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$", "3, 2, 1")  # one answer in three boxes
+    1.0
+    >>> accuracy_reward(r"\\boxed{4} or \\boxed{3}", "3")  # a hedge: wrong, as \\boxed{3, 4} is
+    0.0
     """
     try:
         return 1.0 if _is_correct(completion, answer) else 0.0

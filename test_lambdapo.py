@@ -24,7 +24,7 @@ import lambdapo
 import rollout
 import toy
 from lambdapo import clipped_policy_loss, confidence_weights, grpo_advantages, pairwise_advantages
-from rewards import (accuracy_reward, extract_boxed, multiple_choice_reward, reward, rouge_l_reward,
+from rewards import (accuracy_reward, extract_boxed, final_answer, multiple_choice_reward, reward, rouge_l_reward,
                      score_completions, strip_thinking)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -1132,6 +1132,124 @@ def test_rewards_accuracy_works_in_a_thread():
     worker.join(timeout=20)
     assert not worker.is_alive()
     assert results == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+# ---- the final answer: several boxes of one statement, late answer sentences, hedges (issue 10) --------------
+def test_rewards_final_answer_joins_the_boxes_of_one_statement():
+    assert final_answer(r"$$\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}$$") == "(2, 2), (6, 2)"
+    assert final_answer(r"\boxed{1},\boxed{2},\boxed{3}") == "1, 2, 3"
+    assert final_answer(r"$$\boxed{(3, 3)} \text{ for part (a) and } \boxed{(1, 1)}$$") == "(3, 3), (1, 1)"
+    assert final_answer(r"so $k = \boxed{12}$ and $k = \boxed{18}$ work") == "12, 18"  # labels are separators
+    assert final_answer(r"first \boxed{1}, then \boxed{2}") == "2"  # a word between: two statements
+    assert final_answer(r"x = \boxed{3}, so y = \boxed{4}") == "4"
+    assert final_answer(r"So \boxed{143}. **Final Answer** \boxed{143}") == "143"
+    assert final_answer(r"\boxed{\boxed{7}}") == "7"  # nested: one box, not two
+    assert final_answer("no answer here") is None
+
+
+def test_rewards_final_answer_late_sentence_and_no_box():
+    late = r"First \boxed{200}, later \boxed{255}. Final Answer: The final answer is $10,455$. I hope it is correct."
+    assert final_answer(late) == "10,455"
+    assert final_answer(r"\boxed{12}. The final answer is boxed above.") == "12"  # states no math: the box stands
+    assert final_answer(r"\boxed{12}. Answer: 13") == "12"  # a bare "Answer:" does not override a box
+    assert final_answer("The final answer is $14,916$. Note: " + "more words. " * 100) == "14,916"  # not in the tail
+    assert final_answer("The answer is 3. Wait, no: the answer is 5 apples.") == "5"  # the last sentence
+    assert final_answer("The final answer is $7$. So the answer is 8.") == "7"  # "final answer" outranks "answer"
+    assert final_answer("<think>The final answer is $7$.</think>I am not sure.") is None
+
+
+@pytest.mark.parametrize(
+    "answer, completion",
+    [
+        ("(2, 2), (6, 2)", r"The solutions are $$\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}$$"),
+        ("1, 2, 3", r"The roots are \boxed{1},\boxed{2},\boxed{3}"),
+        ("k = 45, n = 2", r"Hence $$\boxed{k = 45} \quad \text{and} \quad \boxed{n = 2}$$"),
+        ("10455", r"So \boxed{200}. Next \boxed{255}. Adding up: Final Answer: The final answer is $10,455$."),
+        ("14916", "The final answer is $14,916$. Note: " + "we double-check each digit. " * 40),  # no box, long note
+        ("1, 2, 3", r"\boxed{3} and \boxed{1} and \boxed{2}"),  # a set of solutions, in any order
+        ("3, 4", r"$x = \boxed{3}$ or $x = \boxed{4}$"),  # "or" between solutions states the set
+        ("2 - b", r"\boxed{-b+2}, or \boxed{2 - b}"),  # one answer in two forms is not a hedge
+        ("-1,3,3", r"\boxed{3}, \boxed{-1}, \boxed{3}"),  # a double root entered twice
+        (r"\pm 2", r"\boxed{2} or \boxed{-2}"),
+        ("k = 45, n = 2", r"\boxed{45} and \boxed{2}"),  # bare values, in the gold's order
+        ("k = 45, n = 2", r"\boxed{n = 2} and \boxed{k = 45}"),  # named values, in any order
+        ("4", r"x = \boxed{3}, so y = \boxed{4}"),  # two statements: the last box
+        ("5", r"Try \boxed{3}. That fails; after more work the answer is \boxed{5}."),  # an intermediate box
+        ("3, 4", r"<think>\boxed{3}? or \boxed{5}?</think>The roots are \boxed{3} and \boxed{4}."),
+        ("34", "Final Answer: The largest $n$ is 34."),  # the answer after the sentence's "is"
+        (r"\{1, 2, 3\}", r"\boxed{1}, \boxed{2} and \boxed{3}"),  # a gold written as a set
+    ],
+)
+def test_rewards_accuracy_multi_part_and_late_answers(answer, completion):
+    assert accuracy_reward(completion, answer) == 1.0
+
+
+@pytest.mark.parametrize(
+    "answer, completion",
+    [
+        ("3", r"\boxed{3} or \boxed{4}"),  # two candidates for one value: a hedge ...
+        ("3", r"\boxed{4} or \boxed{3}"),  # ... in either order (the last box used to win) ...
+        ("3", r"\boxed{3, 4}"),  # ... exactly as in one box ...
+        ("3", r"$\boxed{3}$ or maybe $\boxed{4}$"),
+        ("4", r"\boxed{3 \text{ (or maybe 4)}}"),  # ... or inside one box
+        ("3", "The final answer is $3$ or $4$."),
+        ("3", r"<think>hmm</think>\boxed{3} or \boxed{4}"),
+        ("3", r"\boxed{3}. Final answer: $4$"),  # the late sentence overrides the box
+        ("1, 2, 3", r"\boxed{1}, \boxed{2}"),  # a part missing
+        ("1, 2", r"\boxed{1}, \boxed{2}, \boxed{3}"),  # a part too many
+        ("-1,3,3", r"\boxed{-1, 3}"),  # the multiplicity the gold asks for is missing
+        ("k = 45, n = 2", r"\boxed{2} and \boxed{45}"),  # bare values in the wrong order
+        ("k = 45, n = 2", r"\boxed{n = 45} and \boxed{k = 2}"),
+        ("(1, 2)", r"\boxed{1} or \boxed{2}"),  # an ordered pair is one value
+        ("32349", r"\boxed{32, 349}"),  # a list, not digit grouping
+        ("1000", r"\boxed{1}, \boxed{000}"),
+        ("5", "The answer is 4 because 2 + 3 = 5."),  # math-verify alone would read the last 5
+        ("5", "Final Answer: The answer is 4 because 2 + 3 is 5."),
+        ("4", "I computed it: 3 or 4"),  # no box, no answer sentence, still a hedge
+        (r"\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}.", r"\boxed{-1}"),  # a gold's stray period hid the matrix
+        ("5", r"<think>\boxed{5} and \boxed{5}</think>\boxed{6}"),
+    ],
+)
+def test_rewards_accuracy_hedges_and_wrong_parts_are_zero(answer, completion):
+    assert accuracy_reward(completion, answer) == 0.0
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("\\boxed{3}" * 10_000, 0.0),  # 10,000 boxes of one statement: more parts than any answer
+        ("".join(f"\\boxed{{{i}}} or " for i in range(10_000)), 0.0),
+        ("\\boxed{3" + "{" * 200_000, 0.0),  # unbalanced braces
+        ("}" * 100_000 + "\\boxed{" * 10_000 + "\\boxed{3}", 1.0),
+        ("The final answer is " + "$3$ and " * 25_000, 0.0),  # 200k characters of answer spans
+        ("final answer is " * 12_500, 0.0),  # 200k characters of anchors
+        ("x" * 200_000 + " The final answer is $3$.", 1.0),
+        ("\\boxed{4}" + " \\quad \\text{and} " * 10_000 + "\\boxed{3}", 1.0),  # too far apart to be one answer
+    ],
+    ids=["10k-boxes", "10k-hedges", "unbalanced", "stray-braces", "200k-spans", "200k-anchors", "200k-prose",
+         "200k-separators"],
+)
+def test_rewards_accuracy_multi_part_hostile_inputs_are_fast(completion, expected):
+    start = time.perf_counter()
+    assert accuracy_reward(completion, "3") == expected
+    assert time.perf_counter() - start < 2.0
+
+
+def test_rewards_accuracy_multi_part_works_in_a_thread():
+    results = []
+    worker = threading.Thread(
+        target=lambda: results.extend(
+            [
+                accuracy_reward(r"$$\boxed{k = 45} \quad \text{and} \quad \boxed{n = 2}$$", "k = 45, n = 2"),
+                accuracy_reward(r"\boxed{2} or \boxed{-2}", r"\pm 2"),
+                accuracy_reward(r"\boxed{4} or \boxed{3}", "3"),
+            ]
+        )
+    )
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive()
+    assert results == [1.0, 1.0, 0.0]
 
 
 @pytest.mark.parametrize(
