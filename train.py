@@ -494,6 +494,7 @@ def train(config: Config) -> dict:
                 "entropy": ((entropy * completion_mask).sum() / completion_mask.sum().clamp_min(1)).item(),
                 "grad_norm": sum(grad_norms) / len(grad_norms), "lr": scheduler.get_last_lr()[0],
                 **({"kl": totals["kl"] / tokens} if reference is not None else {}),
+                **lambdapo.lampo_diagnostics(reward_values, seq_logps, config.tau, advantages),   # lampo/*
             }
             if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
                 metrics.update(run_eval(step))
