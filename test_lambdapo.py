@@ -512,7 +512,8 @@ def test_train_runs_and_writes_everything(tiny_model_dir, tmp_path):
     assert [m["step"] for m in steps] == [1, 2]
     for key in ("reward", "reward_std", "frac_reward_zero_std", "accuracy", "rouge", "completions/mean_length",
                 "completions/clipped_ratio", "clip_fraction", "entropy", "grad_norm", "lr", "time/rollout",
-                "time/update"):
+                "time/update", "lampo/weight_mean", "lampo/weight_std", "lampo/misordered_pairs",
+                "lampo/seq_logp_std", "lampo/corr_rloo"):
         assert key in steps[0], key
     assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[-1]
     assert steps[0]["lr"] == pytest.approx(1e-3)

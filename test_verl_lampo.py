@@ -281,3 +281,28 @@ def test_prepare_usage_message():
     result = subprocess.run([sys.executable, os.path.join(HERE, "verl_lampo.py")], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2 and "prepare --dataset math --out DIR" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# the README's 8-GPU command: composed by verl's own hydra config and accepted by verl's validate_config
+# ---------------------------------------------------------------------------------------------------
+def readme_verl_command():
+    import re
+    import shlex
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    block = re.search(r"python -m verl\.trainer\.main_ppo \\\n(.*?)\n```", text, re.DOTALL).group(1)
+    return shlex.split(block.replace("\\\n", " ").replace("$HOME", "/home/user"))
+
+
+def test_readme_verl_command_is_a_valid_verl_config():
+    from hydra import compose, initialize_config_module
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+    overrides = readme_verl_command()
+    assert "algorithm.adv_estimator=lampo" in overrides and "trainer.n_gpus_per_node=8" in overrides
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        config = compose(config_name="ppo_trainer", overrides=overrides)
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    assert config.algorithm.adv_estimator == "lampo" and config.algorithm.lampo_tau == 1.0
+    assert config.reward.custom_reward_function.path == "pkg://verl_lampo"
+    assert core_algos.get_adv_estimator_fn(config.algorithm.adv_estimator) is verl_lampo.compute_lampo_outcome_advantage
