@@ -4,8 +4,9 @@
     python trl_lampo.py --help                      # every option: ours, GRPOConfig's and ModelConfig's
     python trl_lampo.py bench --shape qwen3-1.7b --tokenizer ../shared/tokenizers/qwen3   # one timed step (GPU)
 
-LamPO (lambdapo.py has the equations, DESIGN.md §1 the contract) keeps GRPO's clipped, critic-free update
-and replaces the group baseline by the Pairwise Decomposed Advantage:
+LamPO ("Lambda-Style Policy Optimization", arXiv 2605.21235; lambdapo.py has the equations, DESIGN.md §1 the
+contract) keeps GRPO's clipped, critic-free update and replaces the group baseline by the Pairwise Decomposed
+Advantage:
 
     ℓ_i  = (1/|o_i|) Σ_t log π_old(o_i,t | q, o_i,<t)        sequence score under the sampling policy
     w_ij = 2 σ(−sign(r_i − r_j) (ℓ_i − ℓ_j) / τ)

@@ -2,10 +2,11 @@
 
     VERL_USE_EXTERNAL_MODULES=verl_lampo python -m verl.trainer.main_ppo algorithm.adv_estimator=lampo \\
         +algorithm.lampo_tau=1.0 reward.custom_reward_function.path=pkg://verl_lampo ...   (README: full command)
-    python verl_lampo.py prepare --dataset math --out DIR     # DIR/train.parquet (MATH train), DIR/test.parquet (MATH-500)
+    python verl_lampo.py prepare --dataset math --out DIR   # train.parquet (MATH train), test.parquet (MATH-500)
 
-LamPO (lambdapo.py has the equations, DESIGN.md §1 the contract) keeps the clipped, critic-free update and
-replaces GRPO's group baseline by the Pairwise Decomposed Advantage
+LamPO ("Lambda-Style Policy Optimization", arXiv 2605.21235; lambdapo.py has the equations, DESIGN.md §1 the
+contract) keeps the clipped, critic-free update and replaces GRPO's group baseline by the Pairwise
+Decomposed Advantage
 
     ℓ_i  = (1/|o_i|) Σ_t log π_old(o_i,t | q, o_i,<t)        sequence score under the sampling policy
     w_ij = 2 σ(−sign(r_i − r_j) (ℓ_i − ℓ_j) / τ)
@@ -156,7 +157,7 @@ def compute_lampo_outcome_advantage(token_level_rewards: torch.Tensor, response_
         mask = response_mask.float()
         seq_logps = lambdapo.sequence_scores(old_log_probs.detach().float(), mask, seq_logp)    # ℓ_i (bs,)
         uids: dict = {}
-        group_ids = torch.tensor([uids.setdefault(uid, len(uids)) for uid in index.tolist()], dtype=torch.long)
+        group_ids = torch.tensor([uids.setdefault(uid, len(uids)) for uid in list(index)], dtype=torch.long)
         real = mask.sum(dim=-1) > 0                                               # padding rows: no tokens
         advantages = lambdapo.grouped_pairwise_advantages(scores, seq_logps, group_ids, real.cpu(), tau,
                                                           scale_by_std)           # (bs,)
@@ -173,7 +174,11 @@ compute_lampo_outcome_advantage._lampo_estimator = True      # marks this file's
 def register() -> None:
     """Put "lampo" in verl's estimator registry (idempotent: verl may load this file twice, once by import
     and once by file path as the custom reward function)."""
-    import verl
+    try:
+        import verl
+    except ImportError as error:
+        raise LamPOVersionError(f"verl_lampo needs verl {VERL_RANGE} ({error}): pip install -r requirements-verl.txt") \
+            from error
     check_verl_version(verl.__version__)
     from verl.trainer.ppo import core_algos
     existing = core_algos.ADV_ESTIMATOR_REGISTRY.get(ESTIMATOR)
@@ -243,7 +248,9 @@ def prepare(argv=None) -> dict:
     val = data.load_benchmark(options.val_benchmark, data_file=options.val_data_file, limit=options.val_limit)
     os.makedirs(options.out, exist_ok=True)
     paths = {"train": os.path.join(options.out, "train.parquet"), "test": os.path.join(options.out, "test.parquet")}
-    source = options.dataset if os.path.sep not in options.dataset else os.path.splitext(os.path.basename(options.dataset))[0]
+    source = options.dataset                       # a local file: its name without the extension
+    if os.path.sep in source:
+        source = os.path.splitext(os.path.basename(source))[0]
     write_parquet(verl_rows(train, source, "train"), paths["train"])
     write_parquet(verl_rows(val, options.val_benchmark, "test"), paths["test"])
     print(f"wrote {len(train)} training rows to {paths['train']} and {len(val)} validation rows to {paths['test']}")
