@@ -120,7 +120,9 @@ def make_trainer(tmp_path, reward_funcs=(digit_reward,), trainer_class=Recording
     settings = dict(output_dir=str(tmp_path / "out"), use_cpu=True, per_device_train_batch_size=8,
                     num_generations=G, max_completion_length=12, max_steps=1, learning_rate=1e-3,
                     logging_steps=1, report_to="none", save_strategy="no", seed=0, temperature=1.0,
-                    dataloader_num_workers=0)
+                    dataloader_num_workers=0,
+                    # transformers 5 turns bf16 autocast on by default, on CPU too: float32 unless a test asks
+                    bf16=False)
     settings.update(overrides)
     rollout_func = settings.pop("rollout_func", None)
     eval_dataset = settings.pop("eval_dataset", None)
@@ -225,6 +227,7 @@ def test_pinned_advantages_from_fixed_completions_and_sampler_logprobs(tmp_path)
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, trl_has_old_logps", [
     (dict(), False),                                        # rule 3: our own no-grad forward
+    (dict(bf16=True), False),                               # the same under TrainingArguments' default bf16
     (dict(num_iterations=2), True),                         # rule 1: TRL computed old_per_token_logps
     (dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, steps_per_generation=4,
           max_steps=2), True),                              # generation every 4 micro-steps, GA 2: rule 1
@@ -380,8 +383,9 @@ TWO_PROCESS_COMPLETIONS = ["\\boxed{1}", "12+3=15", "\\boxed{22}", "7"]
 
 
 def equal_length_dataset(n):
-    """Toy prompts of one length: TRL's forward passes no position ids, so ℓ depends on left padding, and
-    each process pads its rows to its own longest prompt; with equal lengths nobody pads."""
+    """Toy prompts of one length. Each process left-pads its rows to its own longest prompt, so with unequal
+    lengths the one- and two-process forwards see differently padded tensors (equal in exact arithmetic, not
+    always to the last bit); with equal lengths nobody pads and the comparison can be tight."""
     records = [dict(r, task="math") for r in toy.train_records(400, seed=5)]
     length = max(set(len(r["prompt"]) for r in records), key=[len(r["prompt"]) for r in records].count)
     return trl_lampo.to_trl_dataset([r for r in records if len(r["prompt"]) == length][:n])
