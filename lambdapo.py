@@ -232,3 +232,141 @@ def _number(value: torch.Tensor) -> float:
     """A 0-d tensor as a Python float for logging. `meta` tensors (shape-only stand-ins for an accelerator,
     used in tests and for tracing) hold no value: NaN, so that the shape path still runs end to end."""
     return float("nan") if value.device.type == "meta" else value.item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Groups given by an id per row (the engines: trl_lampo.py, verl_lampo.py)
+# ---------------------------------------------------------------------------------------------------
+# Above, a group is a row of a (num_prompts, G) tensor. A distributed engine hands us rows instead: verl
+# marks each completion with its prompt's `uid`, in any order, with groups of different sizes (DAPO-style
+# filtering) and padding rows that belong to no group; TRL drops completions no reward function could
+# score. The functions below turn such rows into the (num_groups, size) form, one bucket per distinct
+# size, and call the same `pairwise_advantages`: the math stays in one place.
+def group_buckets(group_ids: torch.Tensor, valid: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Row indices of each group, one (num_groups_of_size_s, s) long tensor per distinct group size s.
+
+    group_ids (N,): any integer id per row (equal id = same group; not necessarily contiguous).
+    valid (N,) bool: rows that take part; the others join no group. Rows keep their original order
+    inside a group. Always on the CPU (it is index bookkeeping).
+
+    >>> [b.tolist() for b in group_buckets(torch.tensor([7, 3, 7, 3, 3, 5]))]
+    [[[5]], [[0, 2]], [[1, 3, 4]]]
+    """
+    group_ids = torch.as_tensor(group_ids).reshape(-1).cpu()
+    rows = torch.arange(group_ids.numel())
+    if valid is not None:
+        rows = rows[torch.as_tensor(valid).reshape(-1).cpu().bool()]
+    if rows.numel() == 0:
+        return []
+    _, inverse, counts = torch.unique(group_ids[rows], return_inverse=True, return_counts=True)
+    sorted_rows = rows[torch.argsort(inverse, stable=True)]              # group 0's rows, group 1's rows, …
+    starts = torch.cumsum(counts, 0) - counts                              # where each group begins there
+    buckets = []
+    for size in torch.unique(counts).tolist():                             # ascending sizes
+        groups = (counts == size).nonzero().squeeze(1)                     # (num_groups_s,)
+        buckets.append(sorted_rows[starts[groups][:, None] + torch.arange(size)])   # (num_groups_s, size)
+    return buckets
+
+
+def grouped_pairwise_advantages(rewards: torch.Tensor, seq_logps: torch.Tensor, group_ids: torch.Tensor,
+                                valid: torch.Tensor | None = None, tau: float = 1.0,
+                                scale_by_std: bool = False) -> torch.Tensor:
+    """`pairwise_advantages` for rows grouped by id: rewards, seq_logps, group_ids, valid (N,) → A (N,).
+
+    Each group is compared among its valid rows only, with its own G = number of valid rows, so
+    A_i = 1/(G−1) Σ_{j≠i} (r_i − r_j) w_ij exactly as for a full group. Rows that are not valid, that
+    have a non-finite reward (an unscorable completion), or that are alone in their group get A = 0:
+    with nobody to compare with there is no pairwise signal, and never a NaN.
+
+    >>> grouped_pairwise_advantages(torch.tensor([1.0, 5.0, 0.0, 1.0]), torch.zeros(4),
+    ...                             torch.tensor([0, 1, 0, 0]), tau=float("inf"))
+    tensor([ 0.5000,  0.0000, -1.0000,  0.5000])
+    """
+    rewards = rewards.reshape(-1).float()                                 # (N,)
+    seq_logps = seq_logps.reshape(-1).detach().float().to(rewards.device)   # (N,)
+    usable = torch.isfinite(rewards)
+    if valid is not None:
+        usable &= torch.as_tensor(valid, device=rewards.device).reshape(-1).bool()
+    advantages = torch.zeros_like(rewards)
+    for index in group_buckets(group_ids, usable):
+        if index.shape[1] < 2:
+            continue                                                      # a lone completion: A = 0
+        index = index.to(rewards.device)                                  # (num_groups_s, s)
+        advantages[index] = pairwise_advantages(rewards[index], seq_logps[index], tau, scale_by_std)
+    return advantages
+
+
+# ---------------------------------------------------------------------------------------------------
+# Diagnostics of the confidence weights (logged by train.py, trl_lampo.py and verl_lampo.py)
+# ---------------------------------------------------------------------------------------------------
+def lampo_diagnostics(rewards: torch.Tensor, seq_logps: torch.Tensor, tau: float = 1.0,
+                      advantages: torch.Tensor | None = None, group_ids: torch.Tensor | None = None,
+                      valid: torch.Tensor | None = None) -> dict[str, float]:
+    """What the confidence weights did this step, as plain floats (DESIGN.md §2):
+
+        lampo/weight_mean, lampo/weight_std   mean and (population) std of w_ij over the pairs i < j of a
+                                              group with r_i ≠ r_j (the pairs that carry a reward gap)
+        lampo/misordered_pairs                share of those pairs whose better completion has the strictly
+                                              lower ℓ: the pairs LamPO up-weights (w > 1)
+        lampo/seq_logp_std                    mean over groups of the within-group std of ℓ (unbiased, G − 1);
+                                              τ is on this scale: τ ≫ it means LamPO ≈ RLOO
+        lampo/corr_rloo                       Pearson correlation of the step's advantages with RLOO's
+                                              (LamPO's at τ when `advantages` is None)
+
+    Shapes: rewards, seq_logps (num_prompts, G) with contiguous groups, or (N,) rows with `group_ids`
+    (and optionally `valid`, as in `grouped_pairwise_advantages`); advantages (num_prompts · G,) or (N,).
+    Any devices (everything is copied to the CPU). Empty cases never give a NaN: no pair with unequal
+    rewards gives 0.0 for the three pair statistics, no group of ≥ 2 gives seq_logp_std 0.0, and
+    corr_rloo is 1.0 when both advantage vectors are equal and have no spread (all zero), 0.0 when only
+    one has none.
+
+    >>> d = lampo_diagnostics(torch.tensor([[1.0, 0.0]]), torch.tensor([[-2.0, -1.0]]))
+    >>> round(d["lampo/weight_mean"], 4), d["lampo/misordered_pairs"], round(d["lampo/seq_logp_std"], 4)
+    (1.4621, 1.0, 0.7071)
+    """
+    rewards = rewards.detach().to("cpu", torch.float64)
+    seq_logps = seq_logps.detach().to("cpu", torch.float64)
+    if group_ids is None:                                                 # (num_prompts, G): row p is group p
+        group_ids = torch.arange(rewards.shape[0]).repeat_interleave(rewards.shape[1] if rewards.dim() > 1 else 1)
+    rewards, seq_logps = rewards.reshape(-1), seq_logps.reshape(-1)       # (N,)
+    usable = torch.isfinite(rewards)
+    if valid is not None:
+        usable &= torch.as_tensor(valid).reshape(-1).cpu().bool()
+    if advantages is None:
+        advantages = grouped_pairwise_advantages(rewards, seq_logps, group_ids, usable, tau)
+    advantages = advantages.detach().to("cpu", torch.float64).reshape(-1)
+    rloo = grouped_pairwise_advantages(rewards, torch.zeros_like(rewards), group_ids, usable, float("inf")).double()
+
+    weights, misordered, logp_stds, in_groups = [], [], [], []
+    for index in group_buckets(group_ids, usable):
+        if index.shape[1] < 2:
+            continue
+        r, logp = rewards[index], seq_logps[index]                        # (n, s)
+        w = confidence_weights(r, logp, tau).double()                     # (n, s, s)
+        s = index.shape[1]
+        upper = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)   # each pair once
+        gap = torch.sign(r[:, :, None] - r[:, None, :])                   # s_ij
+        pairs = upper & (gap != 0)                                        # (n, s, s) pairs with a reward gap
+        weights.append(w[pairs])
+        misordered.append((gap * (logp[:, :, None] - logp[:, None, :]))[pairs] < 0)
+        logp_stds.append(logp.std(dim=1))
+        in_groups.append(index.reshape(-1))
+    weights = torch.cat(weights) if weights else torch.zeros(0, dtype=torch.float64)
+    misordered = torch.cat(misordered) if misordered else torch.zeros(0, dtype=torch.bool)
+    logp_stds = torch.cat(logp_stds) if logp_stds else torch.zeros(0, dtype=torch.float64)
+    rows = torch.cat(in_groups) if in_groups else torch.zeros(0, dtype=torch.long)
+
+    x, y = advantages[rows], rloo[rows]
+    x_centred, y_centred = (x - x.mean(), y - y.mean()) if x.numel() else (x, y)
+    norm = float((x_centred.square().sum() * y_centred.square().sum()).sqrt()) if x.numel() else 0.0
+    if norm > 1e-12:
+        corr = float((x_centred * y_centred).sum()) / norm
+    else:                                                                 # one of them has no spread
+        corr = 1.0 if torch.allclose(x, y) else 0.0
+    return {
+        "lampo/weight_mean": float(weights.mean()) if weights.numel() else 0.0,
+        "lampo/weight_std": float(weights.std(correction=0)) if weights.numel() else 0.0,
+        "lampo/misordered_pairs": float(misordered.double().mean()) if misordered.numel() else 0.0,
+        "lampo/seq_logp_std": float(logp_stds.mean()) if logp_stds.numel() else 0.0,
+        "lampo/corr_rloo": max(-1.0, min(1.0, corr)),
+    }

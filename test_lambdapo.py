@@ -512,7 +512,8 @@ def test_train_runs_and_writes_everything(tiny_model_dir, tmp_path):
     assert [m["step"] for m in steps] == [1, 2]
     for key in ("reward", "reward_std", "frac_reward_zero_std", "accuracy", "rouge", "completions/mean_length",
                 "completions/clipped_ratio", "clip_fraction", "entropy", "grad_norm", "lr", "time/rollout",
-                "time/update"):
+                "time/update", "lampo/weight_mean", "lampo/weight_std", "lampo/misordered_pairs",
+                "lampo/seq_logp_std", "lampo/corr_rloo"):
         assert key in steps[0], key
     assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[-1]
     assert steps[0]["lr"] == pytest.approx(1e-3)
@@ -1498,3 +1499,97 @@ def test_toy_records():
         assert isinstance(r["prompt"], str) and isinstance(r["answer"], str) and r["task"] == "math"
     assert [r["prompt"] for r in train] == [r["prompt"] for r in data.load_train_dataset("toy", limit=5, seed=0)]
     assert toy is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows grouped by id (the engines) and the LamPO diagnostics (hand-computed)
+# ---------------------------------------------------------------------------------------------------
+def test_grouped_pairwise_advantages_equal_the_contiguous_ones_in_any_order():
+    torch.manual_seed(0)
+    rewards, seq_logps = torch.rand(5, 4).round(), torch.randn(5, 4)
+    expected = pairwise_advantages(rewards, seq_logps, tau=0.7).reshape(-1)
+    group_ids = torch.arange(5).repeat_interleave(4) * 11 + 3             # ids need not be 0..P-1
+    perm = torch.randperm(20)
+    got = lambdapo.grouped_pairwise_advantages(rewards.reshape(-1)[perm], seq_logps.reshape(-1)[perm],
+                                               group_ids[perm], tau=0.7)
+    assert torch.allclose(got, expected[perm], atol=1e-6)
+    scaled = lambdapo.grouped_pairwise_advantages(rewards.reshape(-1), seq_logps.reshape(-1), group_ids, tau=0.7,
+                                                  scale_by_std=True)
+    assert torch.allclose(scaled, pairwise_advantages(rewards, seq_logps, 0.7, scale_by_std=True).reshape(-1))
+
+
+def test_grouped_pairwise_advantages_ragged_invalid_and_unscorable_rows():
+    # group 0: rows 0, 2, 5 (row 5 unscorable: NaN reward); group 1: rows 1, 3; group 2: row 4 alone;
+    # row 6 is padding (valid False) although it carries group 0's id.
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, float("nan"), 9.0])
+    seq_logps = torch.tensor([-1.0, -2.0, -0.5, -3.0, 0.0, -1.0, 5.0])
+    group_ids = torch.tensor([0, 1, 0, 1, 2, 0, 0])
+    valid = torch.tensor([True, True, True, True, True, True, False])
+    got = lambdapo.grouped_pairwise_advantages(rewards, seq_logps, group_ids, valid, tau=1.0)
+    g0 = pairwise_advantages(torch.tensor([[1.0, 0.0]]), torch.tensor([[-1.0, -0.5]]))[0]
+    g1 = pairwise_advantages(torch.tensor([[0.0, 1.0]]), torch.tensor([[-2.0, -3.0]]))[0]
+    assert torch.allclose(got, torch.tensor([g0[0], g1[0], g0[1], g1[1], 0.0, 0.0, 0.0]))
+    assert torch.isfinite(got).all()
+    # A completion alone (G = 1, e.g. evaluation with one sample per prompt) gets 0, not a NaN.
+    assert lambdapo.grouped_pairwise_advantages(torch.ones(3), torch.zeros(3), torch.arange(3)).tolist() == [0, 0, 0]
+
+
+def test_lampo_diagnostics_one_misordered_pair():
+    d = lambdapo.lampo_diagnostics(torch.tensor([[1.0, 0.0]]), torch.tensor([[-2.0, -1.0]]), tau=1.0)
+    assert d["lampo/weight_mean"] == pytest.approx(2 / (1 + math.exp(-1)))     # 2σ(1): the better one scores lower
+    assert d["lampo/weight_std"] == 0.0
+    assert d["lampo/misordered_pairs"] == 1.0
+    assert d["lampo/seq_logp_std"] == pytest.approx(math.sqrt(0.5))            # std(−2, −1), unbiased
+    assert d["lampo/corr_rloo"] == pytest.approx(1.0)                          # G = 2: A ∝ RLOO's
+
+
+def test_lampo_diagnostics_two_groups_hand_computed():
+    # Group 0 ranks its pair wrongly (w = 2σ(1)), group 1 rightly (w = 2σ(−1)); σ(1) + σ(−1) = 1.
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    seq_logps = torch.tensor([[-1.0, 0.0], [-1.0, 0.0]])
+    high, low = 2 / (1 + math.exp(-1)), 2 / (1 + math.exp(1))
+    d = lambdapo.lampo_diagnostics(rewards, seq_logps, tau=1.0)
+    assert d["lampo/weight_mean"] == pytest.approx(1.0)
+    assert d["lampo/weight_std"] == pytest.approx((high - low) / 2)
+    assert d["lampo/misordered_pairs"] == 0.5
+    assert d["lampo/seq_logp_std"] == pytest.approx(math.sqrt(0.5))
+    # advantages (high, −high, −low, low) against RLOO's (1, −1, −1, 1); both have mean 0
+    corr = (2 * high + 2 * low) / math.sqrt((2 * high**2 + 2 * low**2) * 4)
+    assert d["lampo/corr_rloo"] == pytest.approx(corr)
+    # The step's own advantages can be given (here GRPO's, which are RLOO's up to a per-group factor).
+    d_grpo = lambdapo.lampo_diagnostics(rewards, seq_logps, 1.0, grpo_advantages(rewards).reshape(-1))
+    assert d_grpo["lampo/corr_rloo"] == pytest.approx(1.0)
+    assert d_grpo["lampo/weight_mean"] == d["lampo/weight_mean"]
+
+
+def test_lampo_diagnostics_ties_equal_rewards_and_mixed_devices():
+    # Three completions, equal ℓ: the two pairs with a reward gap weigh exactly 1 and none is misordered
+    # (a tie in ℓ is not "lower"); the pair with equal rewards is not counted.
+    d = lambdapo.lampo_diagnostics(torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64),
+                                   torch.zeros(1, 3, dtype=torch.float16), tau=2.0)
+    assert d == {"lampo/weight_mean": 1.0, "lampo/weight_std": 0.0, "lampo/misordered_pairs": 0.0,
+                 "lampo/seq_logp_std": 0.0, "lampo/corr_rloo": pytest.approx(1.0)}
+    # All rewards equal: no pair, all advantages 0; plain floats, no NaN.
+    d = lambdapo.lampo_diagnostics(torch.ones(2, 4), torch.randn(2, 4), tau=1.0, advantages=torch.zeros(8))
+    assert all(isinstance(v, float) and math.isfinite(v) for v in d.values())
+    assert d["lampo/weight_mean"] == 0.0 and d["lampo/misordered_pairs"] == 0.0 and d["lampo/corr_rloo"] == 1.0
+    assert d["lampo/seq_logp_std"] > 0
+    # τ = inf: every weight is 1 and LamPO is RLOO.
+    d = lambdapo.lampo_diagnostics(torch.tensor([[1.0, 0.0, 0.5]]), torch.tensor([[-3.0, 0.0, 1.0]]), float("inf"))
+    assert d["lampo/weight_mean"] == 1.0 and d["lampo/weight_std"] == 0.0 and d["lampo/corr_rloo"] == pytest.approx(1.0)
+
+
+def test_lampo_diagnostics_rows_with_group_ids_match_the_grouped_form():
+    torch.manual_seed(1)
+    rewards, seq_logps = torch.rand(3, 4).round(), torch.randn(3, 4)
+    expected = lambdapo.lampo_diagnostics(rewards, seq_logps, tau=0.5)
+    perm = torch.randperm(12)
+    rows = lambdapo.lampo_diagnostics(rewards.reshape(-1)[perm], seq_logps.reshape(-1)[perm], 0.5,
+                                      group_ids=torch.arange(3).repeat_interleave(4)[perm])
+    assert rows == pytest.approx(expected)
+    # A padding row (valid False) changes nothing.
+    padded = lambdapo.lampo_diagnostics(torch.cat([rewards.reshape(-1), torch.tensor([5.0])]),
+                                        torch.cat([seq_logps.reshape(-1), torch.tensor([9.0])]), 0.5,
+                                        group_ids=torch.cat([torch.arange(3).repeat_interleave(4), torch.tensor([0])]),
+                                        valid=torch.arange(13) < 12)
+    assert padded == pytest.approx(expected)

@@ -557,6 +557,7 @@ def train(config: Config) -> dict:
                 **gap_stats,
                 **({"sampling/eager_fallbacks": engine.eager_fallbacks,
                     "sampling/compiled_shapes": len(engine.compiled_shapes)} if engine is not None else {}),
+                **lambdapo.lampo_diagnostics(reward_values, seq_logps, config.tau, advantages),   # lampo/*
             }
             if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
                 metrics.update(run_eval(step))

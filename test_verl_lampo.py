@@ -1,0 +1,308 @@
+"""Tests of verl_lampo.py against the installed verl (requirements-verl.txt), CPU only, offline, no mocks of verl.
+
+    pip install torch==2.13.0 -r requirements-verl.txt && python -m pytest -q test_verl_lampo.py
+
+Not collected by the core `python -m pytest` (pytest.ini's testpaths); `.ci/run` runs it in its own venv.
+The estimator is exercised through verl's real `compute_advantage(data, "lampo", config=…)` on a real
+DataProto (shuffled, ragged groups, padding rows) and compared with a two-loop oracle of DESIGN.md §1;
+the parquet files are read back by verl's own RLHFDataset with a tokenizer.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import verl_lampo  # noqa: F401  (registers "lampo")
+from verl import DataProto
+from verl.trainer.ppo import core_algos
+from verl.trainer.ppo.ray_trainer import compute_advantage
+from omegaconf import OmegaConf
+
+import lambdapo
+import toy
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------------------------------
+# an independent oracle: DESIGN.md §1 with Python loops over uid groups
+# ---------------------------------------------------------------------------------------------------
+def oracle(rewards, seq_logps, uids, real, tau, scale_by_std=False):
+    out = [0.0] * len(rewards)
+    for uid in set(uids):
+        members = [k for k in range(len(rewards)) if uids[k] == uid and real[k]]
+        if len(members) < 2:
+            continue
+        for i in members:
+            total = 0.0
+            for j in members:
+                if i != j:
+                    s = (rewards[i] > rewards[j]) - (rewards[i] < rewards[j])
+                    w = 1.0 if tau == math.inf else 2 / (1 + math.exp(s * (seq_logps[i] - seq_logps[j]) / tau))
+                    total += (rewards[i] - rewards[j]) * w
+            out[i] = total / (len(members) - 1)
+        if scale_by_std:
+            values = [rewards[k] for k in members]
+            mean = sum(values) / len(values)
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            for i in members:
+                out[i] /= std + 1e-6
+    return out
+
+
+def make_batch(seed=0, sizes=(4, 3, 1, 5, 2), padding_rows=3, T=7):
+    """Rows of several prompts, shuffled; groups of different sizes; `padding_rows` rows with an empty response
+    mask (verl's padding) that reuse an existing uid; outcome reward on each row's last real token."""
+    g = torch.Generator().manual_seed(seed)
+    uids, lengths = [], []
+    for group, size in enumerate(sizes):
+        uids += [f"uid-{group}-{seed}"] * size
+        lengths += torch.randint(1, T + 1, (size,), generator=g).tolist()
+    uids += [uids[0]] * padding_rows
+    lengths += [0] * padding_rows
+    order = torch.randperm(len(uids), generator=g)
+    uids = [uids[k] for k in order]
+    lengths = torch.tensor(lengths)[order]
+    n = len(uids)
+    response_mask = (torch.arange(T)[None, :] < lengths[:, None]).float()               # (n, T)
+    scores = torch.randint(0, 3, (n,), generator=g).float() / 2                          # r ∈ {0, .5, 1}
+    token_level_rewards = torch.zeros(n, T)
+    last = (lengths - 1).clamp_min(0)
+    token_level_rewards[torch.arange(n), last] = scores * (lengths > 0)
+    old_log_probs = -torch.rand(n, T, generator=g) * 3 * response_mask                  # only masked tokens count
+    data = DataProto.from_dict(tensors={"token_level_rewards": token_level_rewards, "response_mask": response_mask,
+                                        "old_log_probs": old_log_probs},
+                               non_tensors={"uid": np.array(uids, dtype=object)})
+    return data, uids, lengths
+
+
+def expected_advantages(data, uids, lengths, tau, seq_logp="mean", scale_by_std=False):
+    batch = data.batch
+    rewards = batch["token_level_rewards"].sum(-1).tolist()
+    mask = batch["response_mask"]
+    total = (batch["old_log_probs"] * mask).sum(-1)
+    seq_logps = (total if seq_logp == "sum" else total / mask.sum(-1).clamp_min(1)).tolist()
+    return torch.tensor(oracle(rewards, seq_logps, uids, (lengths > 0).tolist(), tau, scale_by_std))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the estimator through verl's real compute_advantage
+# ---------------------------------------------------------------------------------------------------
+def test_importing_registers_lampo():
+    assert core_algos.get_adv_estimator_fn("lampo") is verl_lampo.compute_lampo_outcome_advantage
+    verl_lampo.register()                                    # idempotent (verl may load the file twice)
+
+
+@pytest.mark.parametrize("options", [
+    dict(),                                                  # defaults: τ = 1, mean, no std scaling
+    dict(lampo_tau=0.25),
+    dict(lampo_tau=3.0, lampo_seq_logp="sum"),
+    dict(lampo_tau=0.5, lampo_scale_by_std=True),
+])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compute_advantage_on_shuffled_ragged_groups_with_padding(options, seed):
+    data, uids, lengths = make_batch(seed)
+    config = OmegaConf.create({"adv_estimator": "lampo", "gamma": 1.0, "lam": 1.0, **options})
+    out = compute_advantage(data, adv_estimator="lampo", config=config)
+    advantages = out.batch["advantages"]                                                  # (n, T)
+    expected = expected_advantages(data, uids, lengths, options.get("lampo_tau", 1.0),
+                                   options.get("lampo_seq_logp", "mean"), options.get("lampo_scale_by_std", False))
+    mask = data.batch["response_mask"]
+    assert torch.allclose(advantages, expected[:, None] * mask, atol=1e-5), (advantages[:, 0], expected)
+    assert torch.equal(out.batch["returns"], advantages)
+    assert torch.isfinite(advantages).all()
+    assert (advantages[lengths == 0] == 0).all()                                          # padding rows
+    singleton = [k for k, u in enumerate(uids) if uids.count(u) == 1]
+    assert (advantages[singleton] == 0).all()                                             # a group of one
+    # per token: A_i on every real response token, 0 after the response
+    for row in range(len(uids)):
+        n = int(lengths[row])
+        assert torch.allclose(advantages[row, :n], advantages[row, :1].expand(n)) and (advantages[row, n:] == 0).all()
+    assert expected.abs().sum() > 0
+
+
+def test_lampo_with_tau_inf_is_verls_own_rloo():
+    # verl's RLOO counts a padding row as a group member and returns a lone row's reward, so compare on
+    # groups of ≥ 2 real rows only.
+    data, uids, lengths = make_batch(3, sizes=(4, 3, 5, 2), padding_rows=0)
+    lampo = compute_advantage(data, adv_estimator="lampo", config=OmegaConf.create({"lampo_tau": "inf"}))
+    data, _, _ = make_batch(3, sizes=(4, 3, 5, 2), padding_rows=0)
+    rloo = compute_advantage(data, adv_estimator="rloo", config=OmegaConf.create({}))
+    assert torch.allclose(lampo.batch["advantages"], rloo.batch["advantages"], atol=1e-5)
+
+
+def test_algo_config_dataclass_and_verl_grpo_sign():
+    # verl's own AlgoConfig (no lampo_* fields: the defaults apply) works as config too.
+    from verl.trainer.config import AlgoConfig
+    data, uids, lengths = make_batch(4)
+    out = compute_advantage(data, adv_estimator="lampo", config=AlgoConfig(adv_estimator="lampo"))
+    expected = expected_advantages(data, uids, lengths, 1.0)
+    assert torch.allclose(out.batch["advantages"][:, 0] * (lengths > 0), expected * (lengths > 0), atol=1e-5)
+
+
+def test_multi_trajectory_path_of_the_v1_trainer():
+    # verl's default (v1) trainer reaches compute_advantage through compute_advantage_for_multi_trajectories.
+    from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
+    data, uids, lengths = make_batch(5, padding_rows=0)
+    keys = [f"{u}_0_{k}" for k, u in enumerate(uids)]
+    out = compute_advantage_for_multi_trajectories(data, batch_keys=keys, adv_estimator="lampo",
+                                                   config=OmegaConf.create({"lampo_tau": 0.7}))
+    expected = expected_advantages(data, uids, lengths, 0.7)
+    assert torch.allclose(out.batch["advantages"][:, 0], expected, atol=1e-5)
+
+
+def test_diagnostics_reach_the_calling_steps_metrics():
+    # A verl trainer step holds a local `metrics` dict a few frames above compute_advantage; the estimator
+    # adds lampo/* to it. Here the step is a function compiled in a module named like verl's.
+    data, uids, lengths = make_batch(6)
+    step_globals = {"__name__": "verl.trainer.ppo.fake_step", "compute_advantage": compute_advantage,
+                    "OmegaConf": OmegaConf}
+    exec("def step(data):\n    metrics = {}\n"
+         "    compute_advantage(data, adv_estimator='lampo', config=OmegaConf.create({'lampo_tau': 0.5}))\n"
+         "    return metrics\n", step_globals)
+    metrics = step_globals["step"](data)
+    assert set(metrics) == {"lampo/weight_mean", "lampo/weight_std", "lampo/misordered_pairs", "lampo/seq_logp_std",
+                            "lampo/corr_rloo"}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+
+
+def test_clear_errors_outside_verls_compute_advantage_and_version_gate():
+    data, uids, lengths = make_batch(7)
+    batch = data.batch
+    fn = core_algos.get_adv_estimator_fn("lampo")
+    with pytest.raises(verl_lampo.LamPOVersionError) as error:
+        fn(token_level_rewards=batch["token_level_rewards"], response_mask=batch["response_mask"],
+           index=data.non_tensor_batch["uid"], config=None)
+    message = str(error.value)
+    assert "\n" not in message and "0.9.1" in message and "old_log_probs" in message and "test_verl_lampo" in message
+    # The batch lacks old_log_probs: the same one-line error, saying so.
+    del data.batch["old_log_probs"]
+    with pytest.raises(verl_lampo.LamPOVersionError, match="no old_log_probs"):
+        compute_advantage(data, adv_estimator="lampo", config=OmegaConf.create({}))
+    # Passing them explicitly works anywhere (and is what a later verl that passes them would do).
+    advantages, _ = fn(token_level_rewards=batch["token_level_rewards"], response_mask=batch["response_mask"],
+                       index=data.non_tensor_batch["uid"], config=None,
+                       old_log_probs=make_batch(7)[0].batch["old_log_probs"])
+    assert torch.allclose(advantages[:, 0] * (lengths > 0), expected_advantages(make_batch(7)[0], uids, lengths, 1.0)
+                          * (lengths > 0), atol=1e-5)
+    with pytest.raises(ValueError, match="lampo_tau"):
+        compute_advantage(make_batch(7)[0], adv_estimator="lampo", config=OmegaConf.create({"lampo_tau": 0}))
+    for bad in ("0.8.0", "0.10.0", "1.0.0"):
+        with pytest.raises(verl_lampo.LamPOVersionError, match=r">=0.9.0,<0.10"):
+            verl_lampo.check_verl_version(bad)
+    verl_lampo.check_verl_version("0.9.1")
+
+
+def test_external_modules_import_registers_in_a_fresh_process():
+    # What a Ray worker does: `import verl` with VERL_USE_EXTERNAL_MODULES=verl_lampo imports this module.
+    code = ("from verl.trainer.ppo import core_algos; import verl; "
+            "print(core_algos.get_adv_estimator_fn('lampo').__module__)")
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, VERL_USE_EXTERNAL_MODULES="verl_lampo", PYTHONPATH=HERE), cwd="/")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("verl_lampo")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the reward function
+# ---------------------------------------------------------------------------------------------------
+def test_compute_score():
+    info = {"solution": "So $x = 2$, and the answer is $\\boxed{2}$.", "task": "math"}
+    right = verl_lampo.compute_score("math", "<think>x=3?</think>So $x = 2$, the answer is \\boxed{2}.", "2", info)
+    assert right["acc"] == 1.0 and 0 < right["rouge"] <= 1 and right["score"] == pytest.approx(1 + 0.1 * right["rouge"])
+    wrong = verl_lampo.compute_score("math", "The answer is \\boxed{3}.", "2", info, rouge_weight=0.5)
+    assert wrong["acc"] == 0.0 and wrong["score"] == pytest.approx(0.5 * wrong["rouge"]) and wrong["rouge"] > 0
+    assert verl_lampo.compute_score("math", "\\boxed{2}", "2", {})["score"] == 1.0          # no reference
+    assert verl_lampo.compute_score("gpqa", "\\boxed{C}", "C", {"task": "multiple_choice"})["acc"] == 1.0
+    assert verl_lampo.compute_score("math", None, "2", None)["score"] == 0.0                # never raises
+
+
+def test_compute_score_through_verls_loader():
+    # verl loads the function by file path (custom_reward_function.path) and wraps it with reward_kwargs.
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+    config = OmegaConf.create({"reward": {"custom_reward_function": {
+        "path": os.path.join(HERE, "verl_lampo.py"), "name": "compute_score", "reward_kwargs": {"rouge_weight": 0.0}}}})
+    fn = get_custom_reward_fn(config)
+    assert fn(data_source="math", solution_str="\\boxed{4}", ground_truth="4",
+              extra_info={"solution": "2+2=\\boxed{4}"}) == {"score": 1.0, "acc": 1.0, "rouge": 0.0}
+    config.reward.custom_reward_function.path = "pkg://verl_lampo"
+    assert get_custom_reward_fn(config)(solution_str="\\boxed{5}", ground_truth="4")["score"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# data preparation, read back by verl's own dataset class
+# ---------------------------------------------------------------------------------------------------
+def read_back(path, tokenizer):
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+    config = OmegaConf.create({"prompt_key": "prompt", "max_prompt_length": 512, "filter_overlong_prompts": True,
+                               "filter_overlong_prompts_workers": 1, "truncation": "error",
+                               "cache_dir": os.path.join(os.path.dirname(path), "cache")})
+    return RLHFDataset(data_files=[path], tokenizer=tokenizer, config=config)
+
+
+def test_prepare_writes_parquet_that_verls_dataset_reads(tmp_path):
+    out = tmp_path / "data"
+    result = subprocess.run([sys.executable, os.path.join(HERE, "verl_lampo.py"), "prepare", "--dataset", "math",
+                             "--data_file", os.path.join(HERE, "fixtures", "math_train.jsonl"),
+                             "--val_data_file", os.path.join(HERE, "fixtures", "math500.jsonl"), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    import data
+    train_records = data.load_train_dataset("math", data_file=os.path.join(HERE, "fixtures", "math_train.jsonl"))
+    val_records = data.load_benchmark("math500", data_file=os.path.join(HERE, "fixtures", "math500.jsonl"))
+    tokenizers = [toy.build_tokenizer()]
+    qwen3 = os.path.join(HERE, "..", "shared", "tokenizers", "qwen3")
+    if os.path.isdir(qwen3):                                  # the real tokenizer, where shared/ is beside the clone
+        from transformers import AutoTokenizer
+        tokenizers.append(AutoTokenizer.from_pretrained(qwen3))
+    for tokenizer in tokenizers:
+        for name, records, source in (("train", train_records, "math"), ("test", val_records, "math500")):
+            dataset = read_back(str(out / f"{name}.parquet"), tokenizer)
+            assert len(dataset) == len(records) > 0
+            for k in (0, len(records) - 1):
+                row = dataset[k]
+                assert row["raw_prompt"] == [{"role": "user", "content": records[k]["prompt"]}]
+                assert row["data_source"] == source and row["ability"] == "math"
+                assert row["reward_model"] == {"style": "rule", "ground_truth": records[k]["answer"]}
+                assert row["extra_info"]["solution"] == (records[k]["solution"] or "")
+                assert row["extra_info"]["split"] == name and row["index"] == k
+                # what verl's reward manager hands compute_score for a right answer
+                score = verl_lampo.compute_score(row["data_source"], f"\\boxed{{{records[k]['answer']}}}",
+                                                 row["reward_model"]["ground_truth"], row["extra_info"])
+                assert score["acc"] == 1.0
+
+
+def test_prepare_usage_message():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "verl_lampo.py")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "prepare --dataset math --out DIR" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# the README's 8-GPU command: composed by verl's own hydra config and accepted by verl's validate_config
+# ---------------------------------------------------------------------------------------------------
+def readme_verl_command():
+    import re
+    import shlex
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    block = re.search(r"python -m verl\.trainer\.main_ppo \\\n(.*?)\n```", text, re.DOTALL).group(1)
+    return shlex.split(block.replace("\\\n", " ").replace("$HOME", "/home/user"))
+
+
+def test_readme_verl_command_is_a_valid_verl_config():
+    from hydra import compose, initialize_config_module
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+    overrides = readme_verl_command()
+    assert "algorithm.adv_estimator=lampo" in overrides and "trainer.n_gpus_per_node=8" in overrides
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        config = compose(config_name="ppo_trainer", overrides=overrides)
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    assert config.algorithm.adv_estimator == "lampo" and config.algorithm.lampo_tau == 1.0
+    assert config.reward.custom_reward_function.path == "pkg://verl_lampo"
+    assert core_algos.get_adv_estimator_fn(config.algorithm.adv_estimator) is verl_lampo.compute_lampo_outcome_advantage

@@ -1,0 +1,267 @@
+"""LamPO inside verl (Ray, FSDP/Megatron, vLLM/SGLang): an advantage estimator, a reward function, data.
+
+    VERL_USE_EXTERNAL_MODULES=verl_lampo python -m verl.trainer.main_ppo algorithm.adv_estimator=lampo \\
+        +algorithm.lampo_tau=1.0 reward.custom_reward_function.path=pkg://verl_lampo ...   (README: full command)
+    python verl_lampo.py prepare --dataset math --out DIR   # train.parquet (MATH train), test.parquet (MATH-500)
+
+LamPO ("Lambda-Style Policy Optimization", arXiv 2605.21235; lambdapo.py has the equations, DESIGN.md §1 the
+contract) keeps the clipped, critic-free update and replaces GRPO's group baseline by the Pairwise
+Decomposed Advantage
+
+    ℓ_i  = (1/|o_i|) Σ_t log π_old(o_i,t | q, o_i,<t)        sequence score under the sampling policy
+    w_ij = 2 σ(−sign(r_i − r_j) (ℓ_i − ℓ_j) / τ)
+    A_i  = 1/(G−1) Σ_{j≠i} (r_i − r_j) w_ij                  τ = inf gives RLOO
+
+Importing this module registers the estimator "lampo" in verl's registry (`register_adv_est`), so the
+switch from GRPO is one config key: `algorithm.adv_estimator=lampo`. Options, added with hydra's `+`:
+`+algorithm.lampo_tau=1.0` (τ; inf = RLOO), `+algorithm.lampo_seq_logp=mean|sum`,
+`+algorithm.lampo_scale_by_std=false` (divide by the group reward std + 1e-6, as GRPO; off by default).
+
+How the estimator reaches π_old's log-probs (verl 0.9.x only; importing checks the version)
+---------------------------------------------------------------------------------------------
+verl 0.9.1's `verl.trainer.ppo.ray_trainer.compute_advantage(data, adv_estimator, ..., config)` calls a
+custom estimator with `token_level_rewards`, `response_mask`, `index` (the uids) and `config` only,
+although `data.batch["old_log_probs"]` is already there: every trainer of 0.9.x computes them (or, in
+rollout-correction bypass mode, copies the sampler's) before it computes advantages, and every one of
+them (the default v1 trainer through `compute_advantage_for_multi_trajectories`, the legacy
+`RayPPOTrainer`, the experimental one-step-off-policy and fully-async trainers) goes through that one
+function. So the estimator reads `old_log_probs` from the `data` local of its caller's frame, and
+checks first that the caller *is* that function (module and name) and that the tensor has the rewards'
+shape. We chose this over the alternatives because it changes nothing in verl: wrapping
+`compute_advantage` would have to patch every module that bound the name at import time (ray_trainer,
+ppo/v1/utils, the experimental trainers), in every Ray process, before they import it; and there is no
+hook for extra estimator inputs (v1 fetches a fixed field list from TransferQueue). If a later verl
+passes `old_log_probs=` itself, that is used and no frame is read. Anywhere else the estimator fails
+with one line naming the verl version and what it found.
+
+Groups are the rows that share a `uid`: not contiguous (verl balances batches across ranks), of
+different sizes (DAPO-style group filtering, rejection sampling), and verl pads batches with rows whose
+response mask is empty. Such rows belong to no group and get A = 0; a group is compared among its real
+rows with its own G (lambdapo.grouped_pairwise_advantages); a group of one gets A = 0. The scalar reward
+of a row is Σ_t token_level_rewards (verl's outcome reward, KL-in-reward included), as verl's own GRPO.
+The returned advantages are A_i on every response token (× response_mask), and the same as returns.
+
+Diagnostics (lampo/weight_mean, weight_std, misordered_pairs, seq_logp_std, corr_rloo) are added to the
+`metrics` dict of the verl trainer step that called `compute_advantage` (found the same way, a few
+frames up), so they are logged with verl's own metrics; where none is found they are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+# verl loads `custom_reward_function.path=/path/to/verl_lampo.py` by file, not by import: make the
+# project's modules (lambdapo, rewards, data) importable from wherever that happens.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
+
+import lambdapo  # noqa: E402
+
+VERL_RANGE = ">=0.9.0,<0.10"
+ESTIMATOR = "lampo"
+# Where the estimator is called from in verl 0.9.x (module, function) and the local that holds the batch.
+CALLER = ("verl.trainer.ppo.ray_trainer", "compute_advantage")
+
+
+class LamPOVersionError(RuntimeError):
+    """The installed verl is not a release whose estimator call this file was written against."""
+
+
+def check_verl_version(version: str) -> None:
+    from packaging.version import Version
+    try:
+        release = Version(Version(version).base_version)
+    except Exception:
+        release = None
+    if release is None or not Version("0.9.0") <= release < Version("0.10.0"):
+        raise LamPOVersionError(
+            f"verl_lampo supports verl {VERL_RANGE} (it reads old_log_probs from the batch of "
+            f"{CALLER[0]}.{CALLER[1]}), but verl {version} is installed: pip install -r requirements-verl.txt")
+
+
+# ===================================================================================================
+# The advantage estimator
+# ===================================================================================================
+def _option(config, name: str, default):
+    """An option of verl's algorithm config: a DictConfig (with `+algorithm.name=…`), an AlgoConfig, a dict."""
+    if config is None:
+        return default
+    try:
+        value = config.get(name, default)
+    except Exception:
+        value = getattr(config, name, default)
+    return default if value is None else value
+
+
+def _caller_batch(frame):
+    """(batch, where): the `data.batch` of verl's compute_advantage if `frame` is that function's frame."""
+    module, function = frame.f_globals.get("__name__"), frame.f_code.co_name
+    where = f"{module}.{function}"
+    if (module, function) != CALLER:
+        return None, where
+    batch = getattr(frame.f_locals.get("data"), "batch", None)
+    return batch, where
+
+
+def _step_metrics(frame, depth: int = 6):
+    """The `metrics` dict of the verl trainer step above compute_advantage (v1: _compute_advantage two
+    frames up; legacy RayPPOTrainer.fit: one frame up), or None."""
+    for _ in range(depth):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        metrics = frame.f_locals.get("metrics")
+        if isinstance(metrics, dict) and str(frame.f_globals.get("__name__", "")).startswith("verl."):
+            return metrics
+    return None
+
+
+def compute_lampo_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index=None,
+                                    config=None, old_log_probs: torch.Tensor | None = None, **kwargs):
+    """verl estimator "lampo": (advantages, returns), both (bs, response_length) = A_i · response_mask.
+
+    token_level_rewards, response_mask, old_log_probs (bs, response_length); index (bs,) the uids (numpy
+    object array); config: verl's algorithm config with the optional lampo_tau, lampo_seq_logp,
+    lampo_scale_by_std. `old_log_probs` are read from verl's batch when not passed (module docstring).
+    """
+    caller = sys._getframe(1)
+    if old_log_probs is None:
+        import verl
+        batch, where = _caller_batch(caller)
+        if batch is None or "old_log_probs" not in batch.keys():
+            found = "its batch has no old_log_probs" if batch is not None else f"it was called from {where}"
+            raise LamPOVersionError(
+                f"verl_lampo: the lampo estimator needs π_old's per-token log-probs; verl {verl.__version__} passes "
+                f"custom estimators only token_level_rewards, response_mask, index and config, so verl_lampo reads "
+                f"old_log_probs from the batch of {CALLER[0]}.{CALLER[1]} (verl {VERL_RANGE}), but {found}; "
+                f"call it with old_log_probs=")
+        old_log_probs = batch["old_log_probs"]
+    if index is None:
+        raise ValueError("verl_lampo: the lampo estimator needs the uid of each row (index=), the rows of one prompt")
+    if old_log_probs.shape != token_level_rewards.shape or response_mask.shape != token_level_rewards.shape:
+        raise ValueError(f"verl_lampo: shapes differ: token_level_rewards {tuple(token_level_rewards.shape)}, "
+                         f"response_mask {tuple(response_mask.shape)}, old_log_probs {tuple(old_log_probs.shape)}")
+    tau = float(_option(config, "lampo_tau", 1.0))
+    seq_logp = str(_option(config, "lampo_seq_logp", "mean"))
+    scale_by_std = str(_option(config, "lampo_scale_by_std", False)).lower() in ("true", "1", "yes")
+    if not tau > 0:
+        raise ValueError(f"verl_lampo: algorithm.lampo_tau must be > 0 (or inf for RLOO), got {tau}")
+
+    with torch.no_grad():
+        scores = token_level_rewards.float().sum(dim=-1)                          # r_i (bs,)
+        mask = response_mask.float()
+        seq_logps = lambdapo.sequence_scores(old_log_probs.detach().float(), mask, seq_logp)    # ℓ_i (bs,)
+        uids: dict = {}
+        group_ids = torch.tensor([uids.setdefault(uid, len(uids)) for uid in list(index)], dtype=torch.long)
+        real = mask.sum(dim=-1) > 0                                               # padding rows: no tokens
+        advantages = lambdapo.grouped_pairwise_advantages(scores, seq_logps, group_ids, real.cpu(), tau,
+                                                          scale_by_std)           # (bs,)
+        metrics = _step_metrics(caller)
+        if metrics is not None:
+            metrics.update(lambdapo.lampo_diagnostics(scores, seq_logps, tau, advantages, group_ids, real.cpu()))
+        advantages = advantages.to(token_level_rewards.dtype)[:, None] * response_mask   # (bs, response_length)
+    return advantages, advantages
+
+
+compute_lampo_outcome_advantage._lampo_estimator = True      # marks this file's estimator (see register())
+
+
+def register() -> None:
+    """Put "lampo" in verl's estimator registry (idempotent: verl may load this file twice, once by import
+    and once by file path as the custom reward function)."""
+    try:
+        import verl
+    except ImportError as error:
+        raise LamPOVersionError(f"verl_lampo needs verl {VERL_RANGE} ({error}): pip install -r requirements-verl.txt") \
+            from error
+    check_verl_version(verl.__version__)
+    from verl.trainer.ppo import core_algos
+    existing = core_algos.ADV_ESTIMATOR_REGISTRY.get(ESTIMATOR)
+    if existing is not None and getattr(existing, "_lampo_estimator", False):
+        return
+    core_algos.register_adv_est(ESTIMATOR)(compute_lampo_outcome_advantage)
+
+
+register()
+
+
+# ===================================================================================================
+# The reward: accuracy + α · ROUGE-L against the reference solution carried in the data (rewards.py)
+# ===================================================================================================
+def compute_score(data_source=None, solution_str="", ground_truth="", extra_info=None, rouge_weight: float = 0.1,
+                  **kwargs) -> dict:
+    """verl `custom_reward_function` (name `compute_score`): {"score": r, "acc": accuracy, "rouge": ROUGE-L-F}.
+
+    r = accuracy(solution_str, ground_truth) + α · ROUGE-L-F(solution_str, extra_info["solution"]) with
+    α = `rouge_weight` (set it with `+reward.custom_reward_function.reward_kwargs.rouge_weight=…`); no
+    reference solution ⇒ accuracy only. extra_info["task"] = "multiple_choice" grades a letter A-D.
+    Only the text after the last </think> is graded. Never raises on model output.
+    """
+    import rewards
+    extra_info = extra_info or {}
+    parts = rewards.reward(solution_str or "", str(ground_truth), extra_info.get("solution") or None,
+                           float(rouge_weight), extra_info.get("task") or "math")
+    return {"score": parts["reward"], "acc": parts["accuracy"], "rouge": parts["rouge"]}
+
+
+# ===================================================================================================
+# Data: data.py records → verl's parquet layout (the layout of verl's examples/data_preprocess)
+# ===================================================================================================
+def verl_rows(records: list[dict], data_source: str, split: str) -> list[dict]:
+    """One verl row per record: chat prompt, rule-based reward with the gold answer, and the reference solution
+    (for ROUGE-L) in extra_info, where verl hands it to `compute_score`."""
+    return [{
+        "data_source": data_source,
+        "prompt": [{"role": "user", "content": r["prompt"]}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": r["answer"]},
+        "extra_info": {"split": split, "index": i, "id": str(r.get("id", i)), "task": r.get("task", "math"),
+                       "solution": r.get("solution") or ""},
+    } for i, r in enumerate(records)]
+
+
+def write_parquet(rows: list[dict], path: str) -> None:
+    from datasets import Dataset                   # Arrow nested columns, as verl's own preprocessing scripts
+    Dataset.from_list(rows).to_parquet(path)
+
+
+def prepare(argv=None) -> dict:
+    """`python verl_lampo.py prepare`: train and validation parquet files for verl (MATH train, MATH-500)."""
+    import data
+    parser = argparse.ArgumentParser(prog="verl_lampo.py prepare", description=prepare.__doc__)
+    parser.add_argument("--dataset", default="math", help="training set as in train.py: math | gsm8k | toy | a Hub "
+                        "id | a local file (default: math, the 7,500 MATH train problems with worked solutions)")
+    parser.add_argument("--data_file", default=None, help="read the training set from this local .jsonl/.parquet")
+    parser.add_argument("--val_benchmark", default="math500", choices=[b for b in data.BENCHMARKS],
+                        help="validation set (default: math500)")
+    parser.add_argument("--val_data_file", default=None, help="read the validation set from this local file")
+    parser.add_argument("--limit", type=int, default=None, help="keep only the first N training records")
+    parser.add_argument("--val_limit", type=int, default=None, help="keep only the first N validation records")
+    parser.add_argument("--out", required=True, help="output folder: train.parquet and test.parquet")
+    options = parser.parse_args(argv)
+    train = data.load_train_dataset(options.dataset, data_file=options.data_file, limit=options.limit)
+    val = data.load_benchmark(options.val_benchmark, data_file=options.val_data_file, limit=options.val_limit)
+    os.makedirs(options.out, exist_ok=True)
+    paths = {"train": os.path.join(options.out, "train.parquet"), "test": os.path.join(options.out, "test.parquet")}
+    source = options.dataset                       # a local file: its name without the extension
+    if os.path.sep in source:
+        source = os.path.splitext(os.path.basename(source))[0]
+    write_parquet(verl_rows(train, source, "train"), paths["train"])
+    write_parquet(verl_rows(val, options.val_benchmark, "test"), paths["test"])
+    print(f"wrote {len(train)} training rows to {paths['train']} and {len(val)} validation rows to {paths['test']}")
+    return {"train": len(train), "test": len(val), **paths}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "prepare":
+        prepare(sys.argv[2:])
+    else:
+        print(__doc__.split("\n\n")[0] + "\n\nUsage: python verl_lampo.py prepare --dataset math --out DIR "
+              "[--data_file F] [--val_benchmark math500] [--val_data_file F]\n(the estimator is registered by "
+              "importing this module: see README, 'LamPO in verl')", file=sys.stderr)
+        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
