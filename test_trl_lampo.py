@@ -69,6 +69,7 @@ class Recording(LamPOTrainer):
             "lengths": lengths,
             "seq_logps": {mode: oracle_seq_logps(self.model, output, lengths, self.temperature, mode)
                           for mode in ("mean", "sum")},
+            "token_logps": oracle_token_logps(self.model, output, lengths, self.temperature),
             "rank": self.accelerator.process_index,
         })
         return output
@@ -79,9 +80,9 @@ def completion_lengths(completion_ids, lists):
     return torch.tensor([len(ids) for ids in lists])
 
 
-def oracle_seq_logps(model, output, lengths, temperature, mode="mean"):
-    """ℓ by a plain forward (no TRL helper, no fused head): log-softmax(logits / T) of each completion token,
-    every real token attended (also in truncated completions), averaged or summed."""
+def oracle_token_logps(model, output, lengths, temperature):
+    """Per-token log π_old by a plain forward (no TRL helper, no fused head): log-softmax(logits / T) of each
+    completion token, every real token attended (also in truncated completions); 0 after the completion."""
     completion_ids = output["completion_ids"].cpu()
     T = completion_ids.shape[1]
     real = torch.arange(T)[None, :] < lengths[:, None]
@@ -90,8 +91,13 @@ def oracle_seq_logps(model, output, lengths, temperature, mode="mean"):
     with torch.no_grad():
         logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
     logps = (logits[:, -T - 1:-1].float().cpu() / temperature).log_softmax(-1)
-    token_logps = logps.gather(-1, completion_ids[..., None]).squeeze(-1)
-    total = (token_logps * real).sum(1)
+    return logps.gather(-1, completion_ids[..., None]).squeeze(-1) * real
+
+
+def oracle_seq_logps(model, output, lengths, temperature, mode="mean"):
+    """ℓ from `oracle_token_logps` over every real token, averaged or summed."""
+    real = torch.arange(output["completion_ids"].shape[1])[None, :] < lengths[:, None]
+    total = oracle_token_logps(model, output, lengths, temperature).sum(1)
     return total if mode == "sum" else total / real.sum(1).clamp_min(1)
 
 
@@ -131,11 +137,12 @@ def make_trainer(tmp_path, reward_funcs=(digit_reward,), trainer_class=Recording
                          eval_dataset=eval_dataset, processing_class=tokenizer, rollout_func=rollout_func)
 
 
-def fixed_rollout(completions_by_row, logprobs_by_row=None):
+def fixed_rollout(completions_by_row, logprobs_by_row=None, env_tokens_by_row=None):
     """A TRL `rollout_func` whose completions are fixed: row k of each group (global position, so that one
     and two processes see the same completions) gets completions_by_row[k] (a text, EOS appended unless it
     ends with '…', which marks a truncated completion) and, if given, the per-token sampler log-prob
-    logprobs_by_row[k]."""
+    logprobs_by_row[k]. With env_tokens_by_row, the first env_tokens_by_row[k] completion tokens of row k are
+    an environment's (TRL's `env_mask` 0: in the context, not written by the model)."""
 
     def rollout(prompts, trainer):
         tokenizer = trainer.processing_class
@@ -152,8 +159,12 @@ def fixed_rollout(completions_by_row, logprobs_by_row=None):
             completion_ids.append(ids)
             if logprobs_by_row is not None:
                 logprobs.append([logprobs_by_row[k]] * len(ids))       # one float per completion token
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids,
-                "logprobs": logprobs if logprobs_by_row is not None else None}
+        result = {"prompt_ids": prompt_ids, "completion_ids": completion_ids,
+                  "logprobs": logprobs if logprobs_by_row is not None else None}
+        if env_tokens_by_row is not None:
+            first = [env_tokens_by_row[(first_row + i) % len(completions_by_row)] for i in range(len(prompts))]
+            result["env_mask"] = [[0] * n + [1] * (len(ids) - n) for n, ids in zip(first, completion_ids)]
+        return result
 
     return rollout
 
@@ -194,31 +205,40 @@ def test_config_errors_are_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# pinned values: fixed completions and fixed sampler log-probs (TRL's rule 2), computed by hand
+# pinned values: fixed completions; the rollout's own log-probs are not π_old's and are not used
 # ---------------------------------------------------------------------------------------------------
-def test_pinned_advantages_from_fixed_completions_and_sampler_logprobs(tmp_path):
-    # Each prompt's 4 completions: right, wrong, wrong, right; the sampler gave every token of row k the
-    # log-prob below, so ℓ_k is exactly that value (mean). Toy answers are sums: we write the right one.
+def test_pinned_advantages_from_fixed_completions_ignore_the_rollouts_logprobs(tmp_path):
+    # Each prompt's 4 completions: right, wrong, wrong, right. The rollout also returns made-up per-token
+    # log-probs (a sampler's). Without vLLM's importance-sampling correction TRL's π_old is the trainer's
+    # own forward (`old_per_token_logps` absent: the loss uses its detached log-probs), and vLLM's
+    # processed log-probs are those of the top-p/top-k-renormalised distribution anyway: ℓ must be
+    # π_old's, i.e. the oracle's forward, not the rollout's numbers.
     records = [dict(r, task="math") for r in toy.train_records(2, seed=3)]
     answers = {r["answer"] for r in records}
     assert len(answers) == 2
     dataset = trl_lampo.to_trl_dataset([records[0]] * 2)           # one problem twice: one answer to box
     answer = records[0]["answer"]
     completions = [f"\\boxed{{{answer}}}", "\\boxed{0}", "no idea", f"\\boxed{{{answer}}}"]
-    logprobs = [-2.0, -1.0, -0.5, -0.1]
-    trainer = make_trainer(tmp_path, [boxed_reward], dataset=dataset, rollout_func=fixed_rollout(completions, logprobs),
-                           lampo_tau=0.5)
+    fake_logprobs = [-2.0, -1.0, -0.5, -0.1]
+    trainer = make_trainer(tmp_path, [boxed_reward], dataset=dataset,
+                           rollout_func=fixed_rollout(completions, fake_logprobs), lampo_tau=0.5)
     trainer.train()
     record = first_train_record(trainer)
     assert not record["old_per_token_logps"]
     rewards = [1.0, 0.0, 0.0, 1.0]
-    expected = naive_lampo(rewards, logprobs, tau=0.5)
-    # by hand for row 0: pairs (0,1), (0,2) are misordered (ℓ_0 lower): 2σ(2) and 2σ(3); (0,3) is a tie
+    # the formula by hand, for row 0 with ℓ = (−2, −1, −0.5, −0.1): pairs (0,1), (0,2) are misordered
+    # (ℓ_0 lower): 2σ(2) and 2σ(3); (0,3) is a tie
     by_hand = (2 / (1 + math.exp(-1.0 / 0.5)) + 2 / (1 + math.exp(-1.5 / 0.5))) / 3
-    assert expected[0] == pytest.approx(by_hand)
-    assert torch.allclose(record["advantages"], torch.tensor(expected * 2), atol=1e-6)
+    assert naive_lampo(rewards, fake_logprobs, tau=0.5)[0] == pytest.approx(by_hand)
+    seq_logps = record["seq_logps"]["mean"].view(-1, G)
+    expected = torch.tensor([naive_lampo(rewards, row.tolist(), tau=0.5) for row in seq_logps]).reshape(-1)
+    assert torch.allclose(record["advantages"], expected, atol=1e-5), (record["advantages"], expected)
+    assert not torch.allclose(record["advantages"], torch.tensor(naive_lampo(rewards, fake_logprobs, 0.5) * 2),
+                              atol=1e-3)
     logged = trainer.state.log_history[0]
-    assert logged["lampo/misordered_pairs"] == pytest.approx(2 / 4)        # (0,1), (0,2) of 4 pairs with a gap
+    diagnostics = lambdapo.lampo_diagnostics(torch.tensor([rewards, rewards]), seq_logps, 0.5)
+    assert logged["lampo/misordered_pairs"] == pytest.approx(diagnostics["lampo/misordered_pairs"])
+    assert logged["lampo/seq_logp_std"] == pytest.approx(diagnostics["lampo/seq_logp_std"], abs=1e-5)
     assert math.isfinite(logged["loss"])
 
 
@@ -292,6 +312,29 @@ def test_mask_truncated_completions_keep_their_place_and_real_seq_logp(tmp_path,
     expected = lambdapo.pairwise_advantages(rewards, record["seq_logps"]["mean"].view(-1, G), 1.0).reshape(-1)
     assert torch.allclose(record["advantages"], expected, atol=1e-5)
     assert torch.isfinite(record["advantages"]).all()
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_environment_tokens_stay_out_of_seq_logp_also_in_truncated_completions(tmp_path, num_iterations):
+    # A rollout with an environment mask (TRL's env_mask → tool_mask): the first tokens of rows 1 and 2 are
+    # the environment's. ℓ is π_old's score of the tokens the model wrote, in every row; with
+    # mask_truncated_completions TRL zeroes a truncated row's whole tool mask, which must not put the
+    # environment's tokens back into that row's ℓ (row 2 is truncated, row 1 is not).
+    completions = ["\\boxed{12}", "12+12+12=36", "7+7+7+7=28…", "99"]
+    env_tokens = [0, 3, 4, 0]
+    trainer = make_trainer(tmp_path, [length_reward], mask_truncated_completions=True, num_iterations=num_iterations,
+                           rollout_func=fixed_rollout(completions, env_tokens_by_row=env_tokens), lampo_tau=0.5)
+    trainer.train()
+    record = first_train_record(trainer)
+    assert record["completion_mask"][2].sum() == 0                         # TRL cut the truncated row
+    T = record["token_logps"].shape[1]
+    positions = torch.arange(T)[None, :]
+    env = torch.tensor([env_tokens[k % G] for k in range(len(record["lengths"]))])
+    model_written = (positions < record["lengths"][:, None]) & (positions >= env[:, None])
+    seq_logps = (record["token_logps"] * model_written).sum(1) / model_written.sum(1)
+    rewards = torch.tensor(length_reward(record["texts"])).view(-1, G)
+    expected = lambdapo.pairwise_advantages(rewards, seq_logps.view(-1, G), 0.5).reshape(-1)
+    assert torch.allclose(record["advantages"], expected, atol=1e-5), (record["advantages"], expected)
 
 
 def test_unscorable_completions_leave_their_group_and_get_zero(tmp_path):

@@ -26,19 +26,23 @@ without copying them:
 - `_generate_and_score_completions(inputs)` generates, scores and returns this process's rows with
   TRL's GRPO advantages. We replace `output["advantages"]` with LamPO's, computed as below.
 
-ℓ_i is π_old's score in every configuration (TRL 1.16 rules, read from its source):
+ℓ_i is π_old's score in every configuration, π_old being the policy TRL's loss divides by (TRL 1.16
+rules, read from its source):
 1. TRL computed `old_per_token_logps` (num_iterations > 1, steps_per_generation not a multiple of
    gradient accumulation, or vLLM with its importance-sampling correction, the default): they are the
    policy that sampled, scored by the trainer right after generation. We use them.
-2. Otherwise, with vLLM (or a `rollout_func`) TRL has the sampler's own log-probs
-   (`sampling_per_token_logps`, temperature-processed): we use those; a token vLLM could not score
-   (NaN) is left out of ℓ.
-3. Otherwise (plain transformers generation, on-policy): one extra no-grad forward through TRL's own
-   helper `_get_per_token_logps_and_entropies`, exactly as TRL computes old log-probs (temperature,
-   chunking, gradient checkpointing off). The weights have not changed since generation, so this is π_old.
+2. Otherwise TRL's π_old is the trainer's own forward (its loss uses the detached current log-probs):
+   one extra no-grad forward through TRL's own helper `_get_per_token_logps_and_entropies`, exactly as
+   TRL computes old log-probs (temperature, chunking, gradient checkpointing off). The weights have not
+   changed since generation, so this is π_old. A sampler's log-probs (vLLM without the importance-sampling
+   correction, a `rollout_func`) are *not* used: they come from another engine, and vLLM's are those of
+   the top-p/top-k-renormalised distribution, not of π_old.
 With `mask_truncated_completions`, TRL zeroes a truncated completion's mask *before* its forward, so its
 old log-probs in case 1 did not attend to the completion; those rows are recomputed with their real
 mask (every process runs the same number of forward chunks, as DeepSpeed ZeRO-3 and FSDP require).
+ℓ counts the tokens the model wrote: tool results (and a `rollout_func`'s `env_mask` 0 tokens) are in the
+context, not in ℓ, in every row (the tool mask is kept from `_generate`, before TRL zeroes a truncated
+row's).
 
 Groups straddle processes. TRL's sampler puts the G completions of a prompt in consecutive rows of the
 *global* batch (process 0's rows, then process 1's, …), which is why it gathers rewards. We gather ℓ
@@ -166,7 +170,15 @@ class LamPOTrainer(GRPOTrainer):
                             f"its scale_rewards defaults to 'none'), got {type(args).__name__}")
         self._lampo_rewards_per_func = None      # (N, K) gathered rewards of the batch being scored
         self._lampo_completion_ids = None        # this process's completion token lists
+        self._lampo_tool_mask = None             # their tool masks (1 = written by the model), or None
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
+
+    # --- hook 0: keep the tool mask before mask_truncated_completions zeroes a truncated row's -------------
+    def _generate(self, prompts):
+        result = super()._generate(prompts)
+        tool_mask = result[2]                    # (prompt_ids, completion_ids, tool_mask, ...) in TRL 1.16
+        self._lampo_tool_mask = None if tool_mask is None else [list(mask) for mask in tool_mask]
+        return result
 
     # --- hook 1: keep the gathered rewards (and the completions' true lengths) ---------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -178,6 +190,7 @@ class LamPOTrainer(GRPOTrainer):
     # --- hook 2: replace TRL's group advantage with LamPO's ---------------------------------------------
     def _generate_and_score_completions(self, inputs):
         self._lampo_rewards_per_func = None
+        self._lampo_tool_mask = None
         output = super()._generate_and_score_completions(inputs)
         if self._lampo_rewards_per_func is None:
             raise LamPOVersionError(f"TRL {trl.__version__} scored completions without calling _calculate_rewards; "
@@ -228,19 +241,20 @@ class LamPOTrainer(GRPOTrainer):
         # Rows whose mask TRL cut (mask_truncated_completions): their TRL forward did not see the completion.
         cut = (output["completion_mask"].bool() != real).any(dim=1)                 # (n,)
         score_mask = real.clone()
-        if output.get("tool_mask") is not None:                                     # only model-written tokens
-            score_mask[~cut] &= output["tool_mask"][~cut].bool()
+        if self._lampo_tool_mask is not None:                                       # only model-written tokens,
+            if len(self._lampo_tool_mask) != n:                                     # also in truncated rows
+                raise RuntimeError(f"LamPO: {len(self._lampo_tool_mask)} tool masks for {n} rows")
+            written = torch.ones(n, T, dtype=torch.bool, device=device)            # padded with 1, as TRL's
+            for row, mask in enumerate(self._lampo_tool_mask):
+                written[row, :min(len(mask), T)] = torch.tensor(mask[:T], dtype=torch.bool, device=device)
+            score_mask &= written
 
         if output.get("old_per_token_logps") is not None:                           # rule 1
             logps, recompute = output["old_per_token_logps"].detach().float(), cut
-        elif output.get("sampling_per_token_logps") is not None:                   # rule 2
-            logps, recompute = output["sampling_per_token_logps"].detach().float(), torch.zeros_like(cut)
-        else:                                                                       # rule 3
+        else:                                                                       # rule 2
             logps, recompute = None, torch.ones_like(cut)
         logps = self._lampo_recompute(output, logps, recompute, real, mode)         # (n, T)
-
-        finite = torch.isfinite(logps) & score_mask                                 # vLLM NaN tokens drop out
-        return lambdapo.sequence_scores(torch.where(finite, logps, 0.0), finite, self.args.lampo_seq_logp)
+        return lambdapo.sequence_scores(torch.where(score_mask, logps, 0.0), score_mask, self.args.lampo_seq_logp)
 
     def _lampo_recompute(self, output: dict, logps: torch.Tensor | None, rows: torch.Tensor, real: torch.Tensor,
                          mode: str) -> torch.Tensor:
