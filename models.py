@@ -91,6 +91,9 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     name = os.path.expanduser(name)
     check_model_name(name)
     looks_local = is_local_path(name)
+    if looks_local and not any(os.path.exists(os.path.join(name, f)) for f in ("config.json", "adapter_config.json")):
+        raise ModelLoadError(f"could not load local folder '{name}': it has no config.json (not a save_pretrained "
+                             f"model folder; a training run's model is its final/ folder)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -134,7 +137,7 @@ def add_lora(model, rank: int, alpha: float, dropout: float = 0.0, target_module
     Fresh A matrices are drawn from their own seeded RNG (the caller's RNG is left as it was), so a run's
     adapters depend on `seed` only. Adapters are float32 whatever the base dtype. With `adapter_dir` (a
     checkpoint) the saved rank, α and targets must be the ones asked for: resuming with other LoRA settings
-    would silently train something else.
+    would silently train something else. Returned in eval mode (train.py switches to train() for the update).
     """
     try:
         import peft
@@ -156,10 +159,12 @@ def add_lora(model, rank: int, alpha: float, dropout: float = 0.0, target_module
                     if asked[key] != found[key]:
                         raise ModelLoadError(f"{adapter_dir} holds LoRA adapters with {key} {found[key]}, not "
                                              f"{asked[key]}: resume with the options the run started with")
-                return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+                # (eval mode, as from_pretrained gives: is_trainable=True leaves it in train mode, and π_old's
+                # log-probs would then be computed with adapter dropout on)
+                return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True).eval()
             with torch.random.fork_rng(devices=[]):        # A is initialised on the CPU, then moved
                 torch.manual_seed(seed)
-                return peft.get_peft_model(model, config)
+                return peft.get_peft_model(model, config).eval()
         except ValueError as error:                        # e.g. "Target modules {'qq_proj'} not found"
             raise ModelLoadError(f"LoRA: {str(error).splitlines()[0]}") from error
 
