@@ -230,6 +230,14 @@ def check_config(config: Config) -> None:
     if config.eval_data_file and config.eval_benchmark in ("toy", "none"):
         raise ConfigError(f"--eval_data_file {config.eval_data_file} would be ignored: --eval_benchmark is "
                           f"{config.eval_benchmark}; name the file's benchmark, e.g. --eval_benchmark math500")
+    # A training set is a built-in name, a local file or an "owner/name" Hub id (legacy bare Hub names are
+    # gone); anything else is a typo or a missing file, better said now than after 30 s of Hub retries.
+    if config.dataset not in ("toy", "math", "gsm8k") and not os.path.exists(config.dataset):
+        if config.dataset.endswith((".jsonl", ".json", ".parquet")) or config.dataset.startswith((".", "/", "~")):
+            raise ConfigError(f"--dataset {config.dataset}: no such file")
+        if config.dataset.partition(":")[0].count("/") != 1:
+            raise ConfigError(f"--dataset {config.dataset}: not toy, math, gsm8k, a local .jsonl/.json/.parquet "
+                              "file or an owner/name Hub dataset id")
     check_model_name(config.model)
     for name in ("data_file", "eval_data_file"):
         if getattr(config, name) and not os.path.isfile(getattr(config, name)):
