@@ -148,6 +148,8 @@ def read_rows(path: str) -> list[dict]:
     """Rows of a local .jsonl / .json / .parquet file."""
     if not os.path.exists(path):
         raise DatasetLoadError(f"data file not found: {path}")
+    if os.path.isdir(path):
+        raise DatasetLoadError(f"data file {path} is a folder; give a .jsonl, .json or .parquet file")
     if path.endswith(".parquet"):
         import pyarrow as pa  # a dependency of `datasets`
         import pyarrow.parquet as pq

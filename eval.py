@@ -321,8 +321,11 @@ def main(argv=None):
         device = resolve_device(args.device)
         check_model_name(args.model)
         records = data.load_benchmark(args.benchmark, data_file=args.data_file, limit=args.limit, seed=args.seed)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)      # now, not after hours of generation
+        if args.out:                                   # now, not after hours of generation
+            try:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ValueError(f"--out {args.out}: cannot create its folder ({error.strerror or error})") from None
         done = read_graded(Path(args.out).with_suffix(".jsonl"), records, args.num_samples) if args.resume else []
         model, tokenizer = load_model(args.model, device, torch.float32 if device.type == "cpu" else torch.bfloat16,
                                       args.trust_remote_code, log=lambda message: print(message, file=sys.stderr))
