@@ -141,8 +141,8 @@ def add_lora(model, rank: int, alpha: float, dropout: float = 0.0, target_module
     """
     try:
         import peft
-    except ImportError as error:
-        raise ModelLoadError("--lora_rank needs peft: pip install 'peft>=0.17,<0.22' (see requirements.txt)") from error
+    except ImportError as error:          # absent, or too old for transformers 5 (peft < 0.18 imports HybridCache)
+        raise ModelLoadError(f"--lora_rank needs peft>=0.18,<0.22 (pip install -r requirements.txt): {error}") from error
     config = lora_config(rank, alpha, dropout, target_modules)
     with warnings.catch_warnings():                      # peft asks transformers 5 a deprecated question
         warnings.simplefilter("ignore", FutureWarning)
