@@ -1248,6 +1248,28 @@ def test_lora_resume_continues_exactly(tiny_model_dir, tmp_path):
     assert "resume with --lora_rank 4" in str(exit_info.value.code)
 
 
+def test_lora_llm_preset_checkpoints_activations_and_estimates_memory(tiny_model_dir, tmp_path):
+    """The real-run path with LoRA (gradient checkpointing through peft, LoRA's own lr and generation batch),
+    and the start-up memory estimate of Qwen3-1.7B's shape (meta tensors: no memory used) on a GPU."""
+    import bench
+    import models
+    import train
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    out = tmp_path / "run"
+    train.main(["--model", tiny_model_dir, "--lora_rank", "4", "--out_dir", str(out), "--num_steps", "1",
+                "--data_file", os.path.join(FIXTURES, "math_train.jsonl"), "--eval_benchmark", "none",
+                "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "6", "--plot", "false"])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["gradient_checkpointing"], config["lr"], config["generation_batch_size"]) == (True, 1e-5, 64)
+    assert all(m["grad_norm"] > 0 for m in read_jsonl(out / "metrics.jsonl") if "reward" in m)
+    with torch.device("meta"):
+        shape = Qwen3ForCausalLM(Qwen3Config(**bench.QWEN3_1_7B)).to(torch.bfloat16)
+    lora = train.memory_estimate_gib(models.add_lora(shape, 16, 32), train.parse_config(["--model", "x/y", "--lora_rank", "16"]),
+                                     has_reference=True, on_gpu=True, has_generation_copy=True)
+    assert "weights_grads_adam" not in lora and "reference" not in lora and 0.009 < lora["trainable_share"] < 0.011
+    assert lora["frozen_base"] == pytest.approx(3.2, abs=0.1) and lora["total_gib_without_activations"] < 20
+
+
 def eval_args(model_dir, out, *extra):
     """math500 fixture: 3 problems, 2 samples each, 1 problem per generation batch."""
     return ["--model", model_dir, "--benchmark", "math500", "--data_file", os.path.join(FIXTURES, "math500.jsonl"),

@@ -361,7 +361,8 @@ def memory_estimate_gib(policy, config: Config, has_reference: bool, on_gpu: boo
     sequences = min(config.generation_batch_size, config.prompts_per_step * config.group_size)
     tokens = sequences * (config.max_new_tokens + 512)                    # + a typical prompt
     estimate["kv_cache"] = tokens * model_config.num_hidden_layers * 2 * kv_heads * head_dim * (2 if on_gpu else 4) / gib
-    estimate = {key: round(value, 2) if isinstance(value, float) else value for key, value in estimate.items()}
+    estimate = {key: round(value, 2) if isinstance(value, float) and key != "trainable_share" else value
+                for key, value in estimate.items()}
     estimate["total_gib_without_activations"] = round(sum(v for k, v in estimate.items()
                                                           if k not in ("parameters_billion", "trainable_share")), 1)
     return estimate
