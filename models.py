@@ -227,6 +227,7 @@ class MergedLoraGenerator(FastGenerator):
         dtype = torch.bfloat16 if device.type == "cuda" else next(policy.get_base_model().parameters()).dtype
         merged = merged_copy(policy).to(dtype).eval()
         super().__init__(merged, compile=compile, check_every=check_every)   # low precision or CPU: used as is
+        self.model = self.policy = merged       # (whatever the base class would copy: sync() writes into this one)
         self.lora_policy = policy
         merged_modules = dict(merged.named_modules())
         # (peft LoRA layer, the plain Linear of the merged copy that holds W + ΔW): module names match once

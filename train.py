@@ -13,6 +13,8 @@ Each step, for `prompts_per_step` prompts q and G completions each (lambdapo.py 
     5. LOG        metrics.jsonl, samples.jsonl, tqdm; evaluation and checkpoints every N steps
 
 Float32 master weights (bf16 autocast on CUDA): pure-bf16 AdamW silently drops updates as small as lr = 1e-6.
+With --lora_rank R the policy is a peft model (models.py): a frozen base, bf16 on CUDA, and float32 rank-R
+adapters that are all the optimizer sees; π_ref is the base with the adapters off; final/ is merged.
 """
 
 import argparse
@@ -89,7 +91,7 @@ class Config:
     compile_rollout: bool = option(True, "torch.compile + CUDA graphs for the fast engine's decode step (CUDA only)")
     # optimisation
     num_steps: int = option(None, "RL steps, one rollout batch each (preset: 80 toy, 500 LLM)")
-    lr: float = option(None, "peak AdamW learning rate (preset: 5e-5 toy, 1e-6 LLM)")
+    lr: float = option(None, "peak AdamW learning rate (preset: 5e-5 toy, 1e-6 LLM; with LoRA 5e-4 toy, 1e-5 LLM)")
     warmup_steps: int = option(None, "linear learning-rate warm-up in RL steps (preset: 10); a fresh AdamW "
                                      "on a warm-started model needs it")
     weight_decay: float = option(0.0, "AdamW weight decay")
