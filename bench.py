@@ -7,6 +7,7 @@
                                                      # write that random-weight model (bf16) with the tokenizer
                                                      # folder TOK (else the toy one), for `train.py --model DIR`
                                                      # / `eval.py --model DIR` offline
+    python bench.py --shape qwen3-1.7b --lora_rank 16 --gradient_checkpointing   # LoRA: bf16 base, fp32 adapters
 
 What is measured (tokens are completion tokens unless named otherwise):
 - rollout/plain:  `model.generate` with sampling, every sequence forced to `max_new_tokens`.
@@ -21,6 +22,9 @@ What is measured (tokens are completion tokens unless named otherwise):
                   autocast (mean / max |Δ| over completion tokens: how off-policy the bf16 sampler is), and
                   greedy agreement of the engine with `generate` (share of identical tokens before the first
                   divergence; bf16 near-ties legitimately flip).
+- with --lora_rank: the policy is the frozen base (bf16 on CUDA) with float32 adapters (models.add_lora);
+  rollout/plain samples through peft (adapter-aware), rollout/fast from the merged copy
+  (models.MergedLoraGenerator), and rollout/fast_adapter_aware runs our loop through peft, for comparison.
 One JSON object is printed on the last line of stdout; nothing is cached, every number is measured now.
 """
 
@@ -33,6 +37,7 @@ import time
 
 import torch
 
+import models
 import toy
 from rollout import FastGenerator, SamplingConfig, token_logprobs
 from train import enable_checkpointing
@@ -49,8 +54,8 @@ def build(shape: str, model_path: str | None, device: torch.device, tokenizer_pa
     """(model in float32, tokenizer, label)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
     if model_path:
-        return (AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device),
-                AutoTokenizer.from_pretrained(model_path), model_path)
+        model, tokenizer = models.load_model(model_path, device, torch.float32)
+        return model, tokenizer, model_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path) if tokenizer_path else toy.build_tokenizer()
     if shape == "tiny":
         return toy.build_model(tokenizer).to(device), tokenizer, "tiny"
@@ -123,6 +128,8 @@ def main(argv=None):
     parser.add_argument("--save", default=None, help="save the built model (bf16) and tokenizer here and exit")
     parser.add_argument("--tokenizer", default=None, help="with --save: a tokenizer folder to save with the model "
                         "(e.g. the real Qwen3 tokenizer); default: the toy character tokenizer")
+    parser.add_argument("--lora_rank", type=int, default=0, help="measure LoRA training: rank-r adapters (α = 2r) "
+                        "on all linear layers of a frozen base, bf16 on CUDA; 0 = full fine-tuning")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
@@ -139,18 +146,20 @@ def main(argv=None):
         tokenizer.save_pretrained(args.save)
         print(json.dumps({"saved": args.save, "parameters": sum(p.numel() for p in model.parameters())}))
         return
-    parameters = sum(p.numel() for p in model.parameters())
+    if args.lora_rank:            # as train.py --lora_rank: frozen base in bf16 on CUDA, float32 adapters
+        model = models.add_lora(model.to(torch.bfloat16 if on_gpu else torch.float32), args.lora_rank, 2 * args.lora_rank)
+    parameters, trainable = models.parameter_counts(model)
     vocab = model.config.vocab_size
     generator = torch.Generator(device="cpu").manual_seed(0)
     prompts = torch.randint(3, vocab, (B, P), generator=generator).to(device)
     prompt_mask = torch.ones_like(prompts)
     result = {"device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
-              "model": label, "parameters": parameters, "num_sequences": B, "prompt_len": P, "max_new_tokens": T,
+              "model": label, "parameters": parameters, "trainable_parameters": trainable, "num_sequences": B, "prompt_len": P, "max_new_tokens": T,
               "torch": torch.__version__}
 
     # --- rollout: a bf16 copy on GPU (as train.py's generation does under autocast), forced length ---------
     generation_model = model
-    if on_gpu:
+    if on_gpu and not args.lora_rank:                 # (a LoRA base is bf16 already: peft samples from it as is)
         import copy
         generation_model = copy.deepcopy(model).to(torch.bfloat16).eval()
     common = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=T, min_new_tokens=T,
@@ -174,6 +183,13 @@ def main(argv=None):
     # --- rollout: our engine (rollout.FastGenerator), compiled + graph-captured decode step on CUDA -------------
     engine = FastGenerator(generation_model, compile=on_gpu and args.compile)   # bf16 on GPU already: no second copy
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=T)
+    if args.lora_rank:            # our loop through peft itself, then (below, as `fast`) from the merged copy
+        timed(lambda: engine.decode(prompts, prompt_mask, sampling, eos_ids=[-1], pad_id=0), device)
+        _, seconds = timed(lambda: engine.decode(prompts, prompt_mask, sampling, eos_ids=[-1], pad_id=0), device)
+        result["rollout_fast_adapter_aware_tokens_per_s"] = round(B * T / seconds, 1)
+        engine = models.MergedLoraGenerator(model, compile=on_gpu and args.compile)
+        _, seconds = timed(engine.sync, device)
+        result["lora_merge_s"] = round(seconds, 4)                        # paid once per optimizer step
     _, first_seconds = timed(lambda: engine.decode(prompts, prompt_mask, sampling, eos_ids=[-1], pad_id=0), device)
     (fast_ids, _), seconds = timed(lambda: engine.decode(prompts, prompt_mask, sampling, eos_ids=[-1], pad_id=0), device)
     assert fast_ids.shape == (B, T)
@@ -204,7 +220,7 @@ def main(argv=None):
     if args.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
     def update():
         optimizer.zero_grad(set_to_none=True)
@@ -219,7 +235,7 @@ def main(argv=None):
     _, seconds = timed(update, device)
     result["update_tokens_per_s"] = round(B * T / seconds, 1)
     result["update_all_tokens_per_s"] = round(B * (P + T) / seconds, 1)
-    if on_gpu:
+    if on_gpu and not args.lora_rank:     # (LoRA skips the frozen weights' gradients: not 6 N per token)
         flops = 6 * parameters * B * (P + T)                                   # forward + backward, matmuls only
         peak = {"H100": 989e12, "H200": 989e12}.get(next((k for k in ("H100", "H200") if k in result["device"]), ""), None)
         if peak:

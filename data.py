@@ -148,12 +148,21 @@ def read_rows(path: str) -> list[dict]:
     """Rows of a local .jsonl / .json / .parquet file."""
     if not os.path.exists(path):
         raise DatasetLoadError(f"data file not found: {path}")
+    if os.path.isdir(path):
+        raise DatasetLoadError(f"data file {path} is a folder; give a .jsonl, .json or .parquet file")
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq  # a dependency of `datasets`
+        import pyarrow as pa  # a dependency of `datasets`
+        import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetLoadError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DatasetLoadError(f"{path}: not UTF-8 text (byte {e.start}); expected .jsonl/.json (or .parquet)") from None
     if path.endswith(".json"):
         try:
             obj = json.loads(text)
@@ -164,7 +173,18 @@ def read_rows(path: str) -> list[dict]:
             pass  # a .json file that is really JSON Lines: fall through
     elif not path.endswith(".jsonl"):
         raise DatasetLoadError(f"unsupported data file type (use .jsonl, .json or .parquet): {path}")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:   # a user's file: say where, not a parser traceback
+            raise DatasetLoadError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DatasetLoadError(f"{path}, line {number}: expected a JSON object with fields, got {type(row).__name__}")
+        rows.append(row)
+    return rows
 
 
 def hub_rows(dataset_id: str, config: str | None, split: str) -> list[dict]:

@@ -10,7 +10,9 @@ template and masks as training); grading through rewards.py (only the text after
     python eval.py --model Qwen/Qwen3-1.7B --benchmark math500 --num_samples 4 --out qwen3_math500.json
 
 Writes the summary JSON to --out and the per-problem results (prompt, completions, extracted answers,
-correct) next to it as .jsonl. train.py imports `load_model` and `evaluate` from here.
+correct) next to it as .jsonl, one line per problem as soon as it is graded: a long evaluation (AIME avg@32
+takes hours) shows a progress bar, keeps what it graded when interrupted (Ctrl-C, a crash, a lost machine),
+and `--resume` continues from that file. train.py imports `evaluate` from here; models come from models.py.
 """
 
 import argparse
@@ -22,58 +24,17 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import data
 import rewards
+from models import ModelLoadError, check_model_name, load_model, resolve_device
 from rollout import SamplingConfig, generate, make_engine
 
 
-class ModelLoadError(RuntimeError):
-    """A model name or folder that cannot be loaded; the message says why in one line."""
-
-
 # ---------------------------------------------------------------------------------------------------
-# Models
+# Sampling settings
 # ---------------------------------------------------------------------------------------------------
-def is_local_path(name: str) -> bool:
-    """A Hub name is "owner/model" (or a bare legacy name); anything else is meant as a local folder."""
-    name = os.path.expanduser(name)
-    return os.path.exists(name) or name.startswith((".", "/")) or name.count("/") > 1
-
-
-def check_model_name(name: str) -> None:
-    """Fail at once (before any data or weights load) on a local model folder that does not exist."""
-    if name != "toy" and is_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
-        raise ModelLoadError(f"model folder not found: {name}")
-
-
-def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               trust_remote_code: bool = False, log=print):
-    """(model, tokenizer) from "toy" (the cached warm-started tiny model), a local folder, or a Hub name.
-
-    Weights load in `dtype` (float32 for training: float32 master weights; bf16 autocast does the math).
-    `trust_remote_code` stays off unless the user asks: it runs Python shipped with the checkpoint.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if name == "toy":
-        import toy
-        name = str(toy.warm_started_model_dir(log=log))
-    name = os.path.expanduser(name)
-    check_model_name(name)
-    looks_local = is_local_path(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        where = "local folder" if looks_local else "Hub model (no network? wrong name? gated?)"
-        raise ModelLoadError(f"could not load {where} '{name}': {str(error).splitlines()[0]}") from error
-    if tokenizer.pad_token_id is None:              # many base models ship without a pad token
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
-
-
 def training_run_config(model_path: str) -> dict | None:
     """The train.py config of the run a model folder belongs to, or None.
 
@@ -129,35 +90,72 @@ def grade(completion: str, record: dict) -> tuple[float, str | None]:
     return correct, rewards.final_answer(completion)
 
 
-def evaluate(model, tokenizer, records: list[dict], num_samples: int = 1, sampling: SamplingConfig | None = None,
-             chat_template_kwargs: dict | None = None, autocast_dtype: torch.dtype | None = None,
-             generate_fn=generate, engine=None) -> tuple[dict, list[dict]]:
-    """Generate `num_samples` completions per record and grade them. Returns (summary, per-problem results)."""
-    sampling = sampling or SamplingConfig(do_sample=False)
-    start = time.time()
-    rollout = generate_fn(model, tokenizer, [r["prompt"] for r in records], num_samples, sampling,
-                          chat_template_kwargs=chat_template_kwargs, autocast_dtype=autocast_dtype, engine=engine)
-    results = []
-    for index, record in enumerate(records):
-        rows = range(index * num_samples, (index + 1) * num_samples)
-        graded = [grade(rollout.completions[row], record) for row in rows]
-        results.append({"id": record.get("id", index), "prompt": record["prompt"], "answer": record["answer"],
-                        "completions": [rollout.completions[row] for row in rows],
-                        "extracted": [answer for _, answer in graded],
-                        "correct": [correct for correct, _ in graded],
-                        "truncated": [bool(rollout.truncated[row]) for row in rows]})
+def summarize(results: list[dict], num_samples: int) -> dict:
+    """avg@k accuracy, pass@1, 2, 4 …, truncation and length over per-problem results (from one run or resumed)."""
     n = len(results)
+    completions = [(tokens, cut) for r in results for tokens, cut in zip(r["completion_tokens"], r["truncated"])]
     summary = {
         "accuracy": sum(sum(r["correct"]) / num_samples for r in results) / max(n, 1),
         "n": n, "k": num_samples,
-        "truncated_ratio": float(rollout.truncated.float().mean()) if n else 0.0,
-        "mean_completion_tokens": float(rollout.completion_lengths.float().mean()) if n else 0.0,
-        "seconds": round(time.time() - start, 2),
+        "truncated_ratio": sum(cut for _, cut in completions) / len(completions) if completions else 0.0,
+        "mean_completion_tokens": sum(tokens for tokens, _ in completions) / len(completions) if completions else 0.0,
     }
     k = 1
     while k <= num_samples:          # pass@1, 2, 4, ... from the same samples
         summary[f"pass@{k}"] = sum(pass_at_k(num_samples, int(sum(r["correct"])), k) for r in results) / max(n, 1)
         k *= 2
+    return summary
+
+
+def evaluate(model, tokenizer, records: list[dict], num_samples: int = 1, sampling: SamplingConfig | None = None,
+             chat_template_kwargs: dict | None = None, autocast_dtype: torch.dtype | None = None,
+             generate_fn=generate, engine=None, done: list[dict] = (), on_graded=None, seed: int | None = None,
+             progress: bool = False) -> tuple[dict, list[dict]]:
+    """Generate `num_samples` completions per record and grade them. Returns (summary, per-problem results).
+
+    Works one generation batch at a time (`sampling.batch_size` sequences, whole problems): each batch is
+    graded and handed to `on_graded(rows)` (eval.py appends them to its .jsonl) before the next starts, so an
+    interruption loses at most one batch. `done` are the already graded results of the first len(done)
+    records (a resumed run): they count in the summary and are not generated again.
+
+    With `seed`, each batch samples from its own seed (seed, index of its first problem) instead of
+    continuing one random stream: a resumed evaluation then draws exactly the samples the uninterrupted one
+    would have (same --batch_size), and its summary is the same. train.py passes no seed: its sampling must
+    not reseed the training run's RNG.
+    """
+    sampling = sampling or SamplingConfig(do_sample=False)
+    start = time.time()
+    results = list(done)
+    problems_per_batch = max(1, sampling.batch_size // num_samples)
+    bar = tqdm(total=len(records), initial=len(results), unit="problem", disable=not progress, dynamic_ncols=True,
+               file=sys.stderr, desc="eval")
+    try:
+        for first in range(len(results), len(records), problems_per_batch):
+            batch = records[first:first + problems_per_batch]
+            if seed is not None:
+                torch.manual_seed(seed * 1_000_003 + first)
+            rollout = generate_fn(model, tokenizer, [r["prompt"] for r in batch], num_samples, sampling,
+                                  chat_template_kwargs=chat_template_kwargs, autocast_dtype=autocast_dtype, engine=engine)
+            graded_rows = []
+            for index, record in enumerate(batch):
+                rows = range(index * num_samples, (index + 1) * num_samples)
+                graded = [grade(rollout.completions[row], record) for row in rows]
+                graded_rows.append({
+                    "id": record.get("id", first + index), "prompt": record["prompt"], "answer": record["answer"],
+                    "completions": [rollout.completions[row] for row in rows],
+                    "extracted": [answer for _, answer in graded],
+                    "correct": [correct for correct, _ in graded],
+                    "truncated": [bool(rollout.truncated[row]) for row in rows],
+                    "completion_tokens": [int(rollout.completion_lengths[row]) for row in rows]})
+            if on_graded is not None:
+                on_graded(graded_rows)
+            results.extend(graded_rows)
+            bar.update(len(batch))
+            bar.set_postfix(accuracy=f"{summarize(results, num_samples)['accuracy']:.3f}")
+    finally:
+        bar.close()
+    summary = summarize(results, num_samples)
+    summary["seconds"] = round(time.time() - start, 2)
     return summary, results
 
 
@@ -185,7 +183,7 @@ def parse_args(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=None,
                         help="completion budget; default: the training run's eval budget for a run folder "
                              "(runs/X/final), else 48 for toy and 4096 otherwise (raise it for thinking mode)")
-    parser.add_argument("--enable_thinking", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
+    parser.add_argument("--enable_thinking", type=parse_bool, default=None,
                         help="Qwen3 chat template switch (true/false); default: the training run's setting for a "
                              "run folder, else the template's own default (thinking on for Qwen3)")
     parser.add_argument("--batch_size", type=int, default=64, help="sequences generated at once")
@@ -195,33 +193,174 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (and GPQA option shuffle seed)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--trust_remote_code", action="store_true", help="run Python code shipped with the model")
-    parser.add_argument("--out", default=None, help="summary JSON path (per-problem results go next to it, .jsonl)")
+    parser.add_argument("--out", default=None, help="summary JSON path; per-problem results go next to it (.jsonl), "
+                        "appended as they are graded")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted evaluation: keep the problems "
+                        "already in the --out .jsonl and grade only the rest (same options as the first run)")
     return parser.parse_args(argv)
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def check_args(args) -> None:
+    """One line for each nonsensical value, before anything loads: an evaluation can take hours to reach the
+    line that would have failed."""
+    rules = {"num_samples": (lambda v: v >= 1, ">= 1"), "limit": (lambda v: v is None or v >= 1, ">= 1"),
+             "temperature": (lambda v: v is None or (0 <= v and math.isfinite(v)), "a finite number >= 0 (0 = greedy)"),
+             "top_p": (lambda v: v is None or 0 < v <= 1, "in (0, 1]"),
+             "max_new_tokens": (lambda v: v is None or v >= 1, ">= 1"), "batch_size": (lambda v: v >= 1, ">= 1"),
+             "seed": (lambda v: 0 <= v < 2 ** 63, "an integer >= 0")}
+    for name, (valid, rule) in rules.items():
+        if not valid(getattr(args, name)):
+            raise ValueError(f"--{name} must be {rule}, got {getattr(args, name)}")
+    if args.data_file and args.benchmark == "toy":     # the built-in toy set reads no file: it would be ignored
+        raise ValueError(f"--data_file {args.data_file} would be ignored: --benchmark toy is built in; name the "
+                         f"file's benchmark with --benchmark {{{','.join(b for b in data.BENCHMARKS if b != 'toy')}}}")
+    if args.out and (Path(args.out).is_dir() or Path(args.out).suffix == ".jsonl"):
+        raise ValueError(f"--out {args.out}: give a file name such as results.json (the per-problem .jsonl goes next to it)")
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out: it continues from the per-problem .jsonl next to the --out file")
+
+
+def read_graded(path: Path, records: list[dict], num_samples: int) -> list[dict]:
+    """The problems an interrupted evaluation already graded (its .jsonl), checked against this evaluation.
+
+    Rows were appended in problem order, so row i must be records[i]. A torn last line (the process was
+    killed in the middle of writing it) is dropped, and the file is rewritten without it; a bad line anywhere
+    else means the file is not what we wrote, and is an error naming its line.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines[:last + 1]):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            if i == last:
+                print(f"eval.py: {path}, line {i + 1}: dropped an incomplete last line (the run was killed while "
+                      f"writing it); that problem is graded again", file=sys.stderr)
+                break
+            raise ValueError(f"{path}, line {i + 1}: not valid JSON ({error.msg}); not a file eval.py wrote, or "
+                             f"damaged: start afresh without --resume") from None
+        where = f"{path}, line {i + 1}"
+        if len(rows) >= len(records):
+            raise ValueError(f"{where}: more graded problems than the {len(records)} of this evaluation "
+                             f"(a smaller --limit than the first run?)")
+        record = records[len(rows)]
+        if not isinstance(row, dict) or row.get("prompt") != record["prompt"]:
+            raise ValueError(f"{where}: not problem {len(rows) + 1} of this evaluation ({record.get('id')}): another "
+                             f"--benchmark, --data_file or --limit? Start afresh without --resume")
+        if len(row.get("correct", ())) != num_samples:
+            raise ValueError(f"{where}: graded with {len(row.get('correct', ()))} samples, not --num_samples {num_samples}")
+        rows.append(row)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return rows
+
+
+def run(args, model, tokenizer, records: list[dict], sampling: SamplingConfig, chat_template_kwargs: dict, engine,
+        device, done: list[dict], settings: dict) -> dict:
+    """Evaluate, appending graded problems to the .jsonl and keeping the --out summary current; return the summary."""
+    header = dict(model=args.model, benchmark=args.benchmark, data_file=args.data_file, device=str(device),
+                  settings=settings)
+    out = Path(args.out) if args.out else None
+    rows_path = out.with_suffix(".jsonl") if out else None
+    seconds_before = 0.0
+    if out and args.resume and out.exists():
+        # The first run's summary (written as it went) says how it sampled: resuming with other settings
+        # would mix two evaluations in one number. (--limit may grow: the rest is graded.)
+        try:
+            previous = json.loads(out.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+        for key in ("model", "benchmark", "data_file"):
+            if key in previous and previous[key] != header[key]:
+                sys.exit(f"eval.py: error: {out} was evaluated with --{key} {previous[key]}, not {header[key]}: "
+                         f"resume with the same options, or start afresh without --resume")
+        for key, value in previous.get("settings", {}).items():
+            if key != "limit" and value != header["settings"][key]:
+                sys.exit(f"eval.py: error: {out} was evaluated with {key} {value}, not {header['settings'][key]}: "
+                         f"resume with the same options, or start afresh without --resume")
+        seconds_before = previous.get("seconds", 0.0)
+    if done:
+        print(f"eval.py: resuming: {len(done)} of {len(records)} problems already graded in {rows_path}", file=sys.stderr)
+    graded = list(done)
+    start = time.time()
+
+    def write_summary(summary: dict, complete: bool) -> dict:
+        summary = {**summary, "seconds": round(seconds_before + time.time() - start, 2), **header, "complete": complete}
+        if out:
+            out.write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    rows_file = None
+    if out:
+        rows_file = open(rows_path, "a" if args.resume else "w", encoding="utf-8")
+        write_summary(summarize(graded, args.num_samples), complete=False)
+
+    def on_graded(rows: list[dict]) -> None:      # each batch on disk before the next is generated
+        graded.extend(rows)
+        if rows_file:
+            rows_file.write("".join(json.dumps(row) + "\n" for row in rows))
+            rows_file.flush()
+            write_summary(summarize(graded, args.num_samples), complete=False)
+
+    try:
+        summary, _ = evaluate(model, tokenizer, records, args.num_samples, sampling, chat_template_kwargs,
+                              engine=engine, done=done, on_graded=on_graded, seed=args.seed, progress=True)
+    except KeyboardInterrupt:
+        where = f" are in {rows_path}; continue with the same command and --resume" if out else \
+            " (nothing kept: pass --out to keep graded problems and resume)"
+        print(f"eval.py: interrupted: {len(graded)} of {len(records)} graded problems{where}", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        if rows_file:
+            rows_file.close()
+    summary = write_summary(summary, complete=True)
+    if summary["truncated_ratio"] > 0.05:
+        print(f"eval.py: warning: {summary['truncated_ratio']:.0%} of completions hit max_new_tokens="
+              f"{sampling.max_new_tokens} and were graded unfinished; raise --max_new_tokens", file=sys.stderr)
+    print(json.dumps(summary))
+    return summary
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.num_samples < 1:
-        sys.exit("eval.py: error: --num_samples must be >= 1")
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
+        check_args(args)
+        device = resolve_device(args.device)
         check_model_name(args.model)
         records = data.load_benchmark(args.benchmark, data_file=args.data_file, limit=args.limit, seed=args.seed)
+        if args.out:                                   # now, not after hours of generation
+            try:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ValueError(f"--out {args.out}: cannot create its folder ({error.strerror or error})") from None
+        done = read_graded(Path(args.out).with_suffix(".jsonl"), records, args.num_samples) if args.resume else []
         model, tokenizer = load_model(args.model, device, torch.float32 if device.type == "cpu" else torch.bfloat16,
                                       args.trust_remote_code, log=lambda message: print(message, file=sys.stderr))
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
+    except (ValueError, RuntimeError, OSError) as error:
         sys.exit(f"eval.py: error: {error}")
     # Defaults: a folder of one of our training runs is evaluated as training evaluated it (template mode,
     # budget, greedy for k = 1); anything else gets its model family's documented defaults.
-    run = training_run_config(args.model)
+    run_config = training_run_config(args.model)
     enable_thinking, family, budget = args.enable_thinking, args.model, None
-    if run is not None:
-        family = run["model"]                               # "Qwen/Qwen3-1.7B" names the family, "runs/x/final" does not
-        enable_thinking = run.get("enable_thinking", False) if enable_thinking is None else enable_thinking
-        budget = run.get("eval_max_new_tokens") or run.get("max_new_tokens")
+    if run_config is not None:
+        family = run_config["model"]                        # "Qwen/Qwen3-1.7B" names the family, "runs/x/final" does not
+        enable_thinking = run_config.get("enable_thinking", False) if enable_thinking is None else enable_thinking
+        budget = run_config.get("eval_max_new_tokens") or run_config.get("max_new_tokens")
     defaults = default_sampling(family, enable_thinking, args.num_samples)
-    if run is not None and args.num_samples == 1:
+    if run_config is not None and args.num_samples == 1:
         defaults = {"temperature": 0.0, "top_p": 1.0}       # train.py's evaluations are greedy
     temperature = defaults["temperature"] if args.temperature is None else args.temperature
     sampling = SamplingConfig(temperature=temperature, top_p=defaults["top_p"] if args.top_p is None else args.top_p,
@@ -231,24 +370,10 @@ def main(argv=None):
     settings = {"temperature": sampling.temperature, "top_p": sampling.top_p,
                 "max_new_tokens": sampling.max_new_tokens, "greedy": sampling.greedy,
                 "enable_thinking": enable_thinking, "seed": args.seed, "limit": args.limit,
-                "defaults_from": "training run" if run is not None else "model family"}
+                "defaults_from": "training run" if run_config is not None else "model family"}
     print(f"eval.py: settings {json.dumps(settings)}", file=sys.stderr)
     engine = make_engine(args.engine, model)
-    summary, results = evaluate(model, tokenizer, records, args.num_samples, sampling, chat_template_kwargs,
-                                engine=engine)
-    if summary["truncated_ratio"] > 0.05:
-        print(f"eval.py: warning: {summary['truncated_ratio']:.0%} of completions hit max_new_tokens="
-              f"{sampling.max_new_tokens} and were graded unfinished; raise --max_new_tokens", file=sys.stderr)
-    summary.update(model=args.model, benchmark=args.benchmark, data_file=args.data_file, device=str(device),
-                   settings=settings)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-        with open(Path(args.out).with_suffix(".jsonl"), "w") as file:
-            for result in results:
-                file.write(json.dumps(result) + "\n")
-    print(json.dumps(summary))
-    return summary
+    return run(args, model, tokenizer, records, sampling, chat_template_kwargs, engine, device, done, settings)
 
 
 if __name__ == "__main__":

@@ -481,6 +481,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     keeping its float32 logits alive.
     """
     B, T = completion_mask.shape
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model   # peft: the model with LoRA inside
     micro_batch_size = micro_batch_size or B
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, P + T)
     backbone, head = _backbone_and_head(model)

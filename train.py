@@ -13,12 +13,15 @@ Each step, for `prompts_per_step` prompts q and G completions each (lambdapo.py 
     5. LOG        metrics.jsonl, samples.jsonl, tqdm; evaluation and checkpoints every N steps
 
 Float32 master weights (bf16 autocast on CUDA): pure-bf16 AdamW silently drops updates as small as lr = 1e-6.
+With --lora_rank R the policy is a peft model (models.py): a frozen base, bf16 on CUDA, and float32 rank-R
+adapters that are all the optimizer sees; π_ref is the base with the adapters off; final/ is merged.
 """
 
 import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -36,7 +39,9 @@ from tqdm import tqdm
 import data
 import lambdapo
 import rewards
-from eval import ModelLoadError, OneLineErrorParser, check_model_name, evaluate, load_model
+from eval import OneLineErrorParser, evaluate
+from models import (ModelLoadError, adapters_disabled, add_lora, check_model_name, load_model, make_lora_engine,
+                    parameter_counts, parse_target_modules, resolve_device, save_model)
 from rollout import SamplingConfig, generate, make_engine, token_logprobs
 
 
@@ -83,13 +88,14 @@ class Config:
     top_p: float = option(1.0, "nucleus sampling; 1.0 samples the full distribution")
     enable_thinking: bool = option(False, "Qwen3 chat template's thinking mode (graded after </think>)")
     generation_batch_size: int = option(None, "sequences generated at once; the KV cache of one batch stays allocated "
-                                              "(memory only; preset: 256 toy, 128 LLM: 21 GiB for Qwen3-1.7B at 1,024+512 tokens)")
+                                              "(memory only; preset: 256 toy, 128 LLM: 21 GiB for Qwen3-1.7B at "
+                                              "1,024+512 tokens; 64 for a real model with LoRA, to fit a 24 GB GPU)")
     rollout_engine: str = option("auto", "fast (own static-cache decode loop; on CUDA a bf16 copy of the policy) | "
                                          "plain (model.generate) | auto (fast on CUDA, plain on CPU)")
     compile_rollout: bool = option(True, "torch.compile + CUDA graphs for the fast engine's decode step (CUDA only)")
     # optimisation
     num_steps: int = option(None, "RL steps, one rollout batch each (preset: 80 toy, 500 LLM)")
-    lr: float = option(None, "peak AdamW learning rate (preset: 5e-5 toy, 1e-6 LLM)")
+    lr: float = option(None, "peak AdamW learning rate (preset: 5e-5 toy, 1e-6 LLM; with LoRA 5e-4 toy, 1e-5 LLM)")
     warmup_steps: int = option(None, "linear learning-rate warm-up in RL steps (preset: 10); a fresh AdamW "
                                      "on a warm-started model needs it")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -98,6 +104,14 @@ class Config:
     mini_batches: int = option(None, "optimizer steps per pass (preset: 4 toy, 2 LLM); > 1 lets the clip act")
     micro_batch_size: int = option(None, "sequences per forward/backward (gradient accumulation; preset: all toy, 8 LLM)")
     gradient_checkpointing: bool = option(None, "recompute activations in backward to save memory (preset: off toy, on LLM)")
+    # LoRA (peft): low-rank adapters on a frozen base instead of every weight (models.py)
+    lora_rank: int = option(0, "LoRA rank r: train rank-r adapters through peft on a frozen base (bf16 on CUDA), "
+                               "the optimizer sees only the adapters; 0 = full fine-tuning")
+    lora_alpha: float = option(None, "LoRA α: the adapters' update is scaled by α / r (preset: 2 × lora_rank)")
+    lora_dropout: float = option(0.0, "dropout on the adapters' input during the update (0 keeps the update "
+                                      "deterministic, as the ratio π_θ / π_old assumes)")
+    lora_target_modules: str = option("all-linear", "layers that get adapters: all-linear (every linear projection "
+                                                    "of attention and MLP, not the LM head) or names, e.g. q_proj,v_proj")
     # evaluation, logging, checkpoints
     eval_every: int = option(None, "evaluate every N steps, 0 = only before and after training (preset: 20 toy, 50 LLM)")
     eval_benchmark: str = option(None, "benchmark for evaluation during training, or none (preset: toy | math500)")
@@ -117,11 +131,19 @@ class Config:
 
 PRESETS = {
     "toy": dict(dataset="toy", prompts_per_step=16, max_new_tokens=48, num_steps=80, lr=5e-5, warmup_steps=10,
-                mini_batches=4, micro_batch_size=None, gradient_checkpointing=False, eval_every=20, generation_batch_size=256,
-                eval_benchmark="toy", eval_limit=200, save_every=20),
+                mini_batches=4, micro_batch_size=None, gradient_checkpointing=False, eval_every=20,
+                eval_benchmark="toy", eval_limit=200, save_every=20, generation_batch_size=256),
     "llm": dict(dataset="math", prompts_per_step=32, max_new_tokens=1024, num_steps=500, lr=1e-6, warmup_steps=10,
-                mini_batches=2, micro_batch_size=8, gradient_checkpointing=True, eval_every=50, generation_batch_size=128,
-                eval_benchmark="math500", eval_limit=100, save_every=50),
+                mini_batches=2, micro_batch_size=8, gradient_checkpointing=True, eval_every=50,
+                eval_benchmark="math500", eval_limit=100, save_every=50, generation_batch_size=128),
+}
+# What changes with --lora_rank > 0. The learning rate: a rank-r update moves far fewer directions than full
+# fine-tuning, and the usual LoRA rate is about 10× the full one (tuned on the toy task: README, "LoRA").
+# On a real model LoRA is the one-consumer-GPU path, so the generation batch shrinks too: the KV cache of
+# 128 sequences × (1024 + 512) tokens is 21 GiB on Qwen3-1.7B, of 64 sequences 10.5 GiB.
+LORA_PRESETS = {
+    "toy": dict(lr=5e-4),
+    "llm": dict(lr=1e-5, generation_batch_size=64),
 }
 
 
@@ -145,10 +167,13 @@ def parse_config(argv=None) -> Config:
                             nargs="?" if is_flag else None, const=True if is_flag else None,
                             help=item.metadata["help"] + ("" if item.default is None else f" (default: {item.default})"))
     config = Config(**vars(parser.parse_args(argv)))
-    preset = PRESETS["toy" if config.model == "toy" else "llm"]
+    kind = "toy" if config.model == "toy" else "llm"
+    preset = {**PRESETS[kind], **(LORA_PRESETS[kind] if config.lora_rank else {})}
     for name, value in preset.items():
         if getattr(config, name) is None:
             setattr(config, name, value)
+    if config.lora_alpha is None:
+        config.lora_alpha = 2.0 * config.lora_rank
     if config.eval_max_new_tokens is None:
         config.eval_max_new_tokens = config.max_new_tokens
     return config
@@ -158,12 +183,47 @@ class ConfigError(ValueError):
     """A bad option value or out_dir state; reported in one line."""
 
 
+# The valid range of every number, checked before anything loads, so `--lr -1` is one line, not an optimizer
+# traceback ten seconds later. NaN fails every comparison, so it is refused too.
+finite = math.isfinite
+RANGES = {
+    "tau": (lambda v: v > 0, "> 0 (inf gives RLOO)"),
+    "clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "clip_high": (lambda v: 0 <= v and finite(v), "a finite number >= 0"),
+    "beta": (lambda v: 0 <= v and finite(v), "a finite number >= 0"),
+    "rouge_weight": (lambda v: 0 <= v and finite(v), "a finite number >= 0 (0 disables ROUGE-L)"),
+    "group_size": (lambda v: v >= 2, "at least 2 (group-relative advantages compare completions)"),
+    "temperature": (lambda v: 0 < v and finite(v), "a finite number > 0 for training (RL needs sampled completions)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "lr": (lambda v: 0 < v and finite(v), "a finite number > 0"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: 0 <= v and finite(v), "a finite number >= 0"),
+    "max_grad_norm": (lambda v: v > 0, "> 0 (inf: no clipping)"),
+    "micro_batch_size": (lambda v: v is None or v >= 1, "at least 1"),
+    "eval_every": (lambda v: v >= 0, ">= 0 (0: only before and after training)"),
+    "save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    "keep_checkpoints": (lambda v: v >= 1, "at least 1"),
+    "log_samples": (lambda v: v >= 0, ">= 0"),
+    "seed": (lambda v: 0 <= v < 2 ** 63, "an integer >= 0"),
+    "lora_rank": (lambda v: v >= 0, ">= 0 (0 = full fine-tuning)"),
+    "lora_alpha": (lambda v: 0 <= v and finite(v), "a finite number > 0"),     # (0 is the preset without LoRA)
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    **{name: (lambda v: v >= 1, "at least 1") for name in ("prompts_per_step", "num_steps", "max_new_tokens",
+                                                           "generation_batch_size", "epochs", "mini_batches",
+                                                           "eval_limit", "eval_max_new_tokens")},
+}
+
+
 def check_config(config: Config) -> None:
-    if config.group_size < 2:
-        raise ConfigError(f"--group_size must be at least 2 (group-relative advantages compare completions), got {config.group_size}")
-    for name in ("prompts_per_step", "num_steps", "max_new_tokens", "epochs", "mini_batches"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    for name, (valid, rule) in RANGES.items():
+        if not valid(getattr(config, name)):
+            raise ConfigError(f"--{name} must be {rule}, got {getattr(config, name)}")
+    if config.lora_rank and not config.lora_alpha > 0:
+        raise ConfigError(f"--lora_alpha must be a finite number > 0, got {config.lora_alpha}")
+    if not config.lora_rank and (config.lora_alpha or config.lora_dropout or config.lora_target_modules != "all-linear"):
+        raise ConfigError("--lora_alpha, --lora_dropout and --lora_target_modules need --lora_rank R > 0 "
+                          "(without it the run is full fine-tuning)")
+    parse_target_modules(config.lora_target_modules)
     if config.prompts_per_step * config.group_size < config.mini_batches:
         raise ConfigError("--mini_batches is larger than the number of completions per step")
     if not config.temperature > 0:
@@ -172,11 +232,31 @@ def check_config(config: Config) -> None:
         raise ConfigError("--tau must be > 0 (use inf for RLOO)")
     if config.tis_cap < 0 or config.tis_cap != config.tis_cap:
         raise ConfigError(f"--tis_cap must be >= 0 (0 = off), got {config.tis_cap}")
+    resolve_device(config.device)
+    # A file that is given must be read: the toy task and the built-in toy benchmark read no file, so a
+    # --data_file next to them would be silently ignored and the run would train on the toy data.
+    if config.data_file and config.dataset == "toy":
+        why = " (the preset of --model toy)" if config.model == "toy" else ""
+        raise ConfigError(f"--data_file {config.data_file} would be ignored: the training set is the built-in toy task"
+                          f"{why}; name the file's layout with --dataset math|gsm8k, or pass --dataset {config.data_file}")
+    if config.eval_data_file and config.eval_benchmark in ("toy", "none"):
+        raise ConfigError(f"--eval_data_file {config.eval_data_file} would be ignored: --eval_benchmark is "
+                          f"{config.eval_benchmark}; name the file's benchmark, e.g. --eval_benchmark math500")
+    # A training set is a built-in name, a local file or an "owner/name" Hub id (legacy bare Hub names are
+    # gone); anything else is a typo or a missing file, better said now than after 30 s of Hub retries.
+    if config.dataset not in ("toy", "math", "gsm8k") and not os.path.exists(config.dataset):
+        if config.dataset.endswith((".jsonl", ".json", ".parquet")) or config.dataset.startswith((".", "/", "~")):
+            raise ConfigError(f"--dataset {config.dataset}: no such file")
+        if config.dataset.partition(":")[0].count("/") != 1:
+            raise ConfigError(f"--dataset {config.dataset}: not toy, math, gsm8k, a local .jsonl/.json/.parquet "
+                              "file or an owner/name Hub dataset id")
     check_model_name(config.model)
     for name in ("data_file", "eval_data_file"):
         if getattr(config, name) and not os.path.isfile(getattr(config, name)):
             raise ConfigError(f"--{name} {getattr(config, name)}: no such file")
     out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out_dir {out_dir} is a file, not a folder")
     has_run = (out_dir / "config.json").exists() or any(out_dir.glob("checkpoint-*"))
     if has_run and not (config.resume or config.overwrite):
         raise ConfigError(f"{out_dir} holds another run: pass --resume to continue it, --overwrite to replace it, "
@@ -187,12 +267,16 @@ def check_config(config: Config) -> None:
 
 # ===================================================================================================
 # Checkpoints: Hugging Face folders (save_pretrained) plus the optimizer and RNG state to resume.
+# With LoRA the policy is a peft model and save_pretrained writes the adapter only (a few MB), and the
+# optimizer state is that of the adapters: a checkpoint is small. initial/ and final/ are always full,
+# merged model folders (models.save_model).
 # ===================================================================================================
 def save_checkpoint(out_dir: Path, step: int, policy, tokenizer, optimizer, scheduler, generator, keep: int) -> Path:
     path = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
+    (tmp / "README.md").unlink(missing_ok=True)        # peft's empty model-card template, not ours
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "update_rng": generator.get_state(),
@@ -241,11 +325,6 @@ def forget_logs_after(out_dir: Path, step: int) -> None:
             path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def save_model(path: Path, policy, tokenizer) -> None:
-    policy.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
 # ===================================================================================================
 # Small pieces of the loop
 # ===================================================================================================
@@ -266,20 +345,28 @@ def learning_rate_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / max(warmup_steps, 1))
 
 
-def memory_estimate_gib(policy, config: Config, has_reference: bool, on_gpu: bool) -> dict:
+def memory_estimate_gib(policy, config: Config, has_reference: bool, on_gpu: bool, has_generation_copy: bool) -> dict:
     """A rough budget printed at start, so a run that cannot fit says so before the first rollout.
 
-    float32 master weights (4 B/param) + gradients (4) + AdamW moments (8); on GPU a bf16 copy for
-    generation (2); a float32 reference (4, when β > 0: it must share the policy's numerics, see
-    make_reference); the KV cache of one generation batch.
+    Full fine-tuning: float32 master weights (4 B/param) + gradients (4) + AdamW moments (8); on GPU a bf16
+    copy for generation (2) and a float32 reference (4, when β > 0: it must share the policy's numerics, see
+    make_reference). LoRA: the frozen base (2 B/param on GPU, 4 on CPU) and 16 B per adapter parameter; the
+    reference costs nothing (the base with the adapters off); the fast engine's merged generation copy
+    2 B/param. Both: the KV cache of one generation batch.
     Activations depend on micro_batch_size and gradient checkpointing and are not included.
     """
-    params = sum(p.numel() for p in policy.parameters())
+    params, trainable = parameter_counts(policy)
     gib = 2 ** 30
-    estimate = {"parameters_billion": round(params / 1e9, 3), "weights_grads_adam": params * 16 / gib}
-    if on_gpu:
-        estimate["generation_copy"] = params * 2 / gib
-    if has_reference:
+    estimate = {"parameters_billion": round(params / 1e9, 3)}
+    if config.lora_rank:
+        estimate["trainable_share"] = round(trainable / params, 4)
+        estimate["frozen_base"] = (params - trainable) * (2 if on_gpu else 4) / gib
+        estimate["adapters_grads_adam"] = trainable * 16 / gib
+    else:
+        estimate["weights_grads_adam"] = params * 16 / gib
+    if has_generation_copy and on_gpu:
+        estimate["generation_copy"] = (params - trainable if config.lora_rank else params) * 2 / gib
+    if has_reference and not config.lora_rank:
         estimate["reference"] = params * 4 / gib
     model_config = policy.config
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
@@ -287,8 +374,10 @@ def memory_estimate_gib(policy, config: Config, has_reference: bool, on_gpu: boo
     sequences = min(config.generation_batch_size, config.prompts_per_step * config.group_size)
     tokens = sequences * (config.max_new_tokens + 512)                    # + a typical prompt
     estimate["kv_cache"] = tokens * model_config.num_hidden_layers * 2 * kv_heads * head_dim * (2 if on_gpu else 4) / gib
-    estimate = {key: round(value, 2) if isinstance(value, float) else value for key, value in estimate.items()}
-    estimate["total_gib_without_activations"] = round(sum(v for k, v in estimate.items() if k != "parameters_billion"), 1)
+    estimate = {key: round(value, 2) if isinstance(value, float) and key != "trainable_share" else value
+                for key, value in estimate.items()}
+    estimate["total_gib_without_activations"] = round(sum(v for k, v in estimate.items()
+                                                          if k not in ("parameters_billion", "trainable_share")), 1)
     return estimate
 
 
@@ -358,11 +447,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def train(config: Config) -> dict:
     check_config(config)
     out_dir = Path(config.out_dir)
-    if config.overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # Float32 master weights everywhere; on CUDA the matmuls run in bf16 under autocast.
+    try:
+        if config.overwrite and out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--out_dir {out_dir}: {error.strerror or error}") from None
+    device = resolve_device(config.device)
+    # Float32 master weights everywhere; on CUDA the matmuls run in bf16 under autocast. With LoRA the frozen
+    # base is bf16 on CUDA (it is never updated, so float32 would buy nothing) and the adapters are float32.
+    lora = config.lora_rank > 0
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if autocast_dtype else nullcontext()
     log = tqdm.write
@@ -378,19 +472,33 @@ def train(config: Config) -> dict:
     checkpoint = latest_checkpoint(out_dir) if config.resume else None
     if config.resume and checkpoint is None:
         log(f"--resume: no checkpoint in {out_dir}, starting from the beginning")
-    policy, tokenizer = load_model(str(checkpoint) if checkpoint else config.model, device, torch.float32,
-                                   config.trust_remote_code, log=log)
+    if checkpoint and (checkpoint / "adapter_config.json").exists() != lora:
+        raise ConfigError(f"{checkpoint} holds " + (f"LoRA adapters: resume with --lora_rank "
+                          f"{json.loads((checkpoint / 'adapter_config.json').read_text())['r']} as the run started"
+                          if not lora else "a fully fine-tuned model: resume without --lora_rank"))
+    if lora:    # the base (on resume: initial/, the base the run started from), then the adapters (or the saved ones)
+        initial = out_dir / "initial"
+        base = str(initial) if checkpoint and (initial / "config.json").exists() else config.model
+        policy, tokenizer = load_model(base, device, autocast_dtype or torch.float32, config.trust_remote_code, log=log)
+        policy = add_lora(policy, config.lora_rank, config.lora_alpha, config.lora_dropout,
+                          parse_target_modules(config.lora_target_modules), config.seed, adapter_dir=checkpoint)
+    else:
+        policy, tokenizer = load_model(str(checkpoint) if checkpoint else config.model, device, torch.float32,
+                                       config.trust_remote_code, log=log)
     if config.gradient_checkpointing:
         enable_checkpointing(policy)
     reference = None
-    if config.beta > 0:     # a frozen copy of the *starting* policy (on resume: initial/, not the checkpoint)
+    if config.beta > 0 and lora:    # π_ref = the frozen base: the policy with its adapters off (models.adapters_disabled)
+        reference = policy
+    elif config.beta > 0:   # a frozen copy of the *starting* policy (on resume: initial/, not the checkpoint)
         reference = make_reference(load_model(str(out_dir / "initial"), device, torch.float32,
                                               config.trust_remote_code, log=log)[0] if checkpoint else policy)
     # Seed only now: whatever setup did (a warm start on a cold cache, weight initialisation before loading)
     # must not change the samples, so a run is the same whether or not its model was cached.
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]     # everything, or only the LoRA adapters
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config.warmup_steps))
     generator = torch.Generator().manual_seed(config.seed)     # shuffles rows into mini-batches
     start_step = 0
@@ -403,14 +511,17 @@ def train(config: Config) -> dict:
         for name in ("metrics.jsonl", "samples.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
         save_model(out_dir / "initial", policy, tokenizer)
-    log(f"Policy: {config.model} on {device}; memory estimate (GiB): "
-        f"{memory_estimate_gib(policy, config, reference is not None, device.type == 'cuda')}")
 
     sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
                               batch_size=config.generation_batch_size)
     eval_sampling = SamplingConfig(do_sample=False, max_new_tokens=config.eval_max_new_tokens,
                                    batch_size=config.generation_batch_size)
-    engine = make_engine(config.rollout_engine, policy, compile=config.compile_rollout)   # None: model.generate
+    # None: model.generate (with LoRA through peft, adapter-aware); LoRA's fast engine samples from a merged copy
+    engine = (make_lora_engine if lora else make_engine)(config.rollout_engine, policy, compile=config.compile_rollout)
+    params, trainable_params = parameter_counts(policy)
+    log(f"Policy: {config.model} on {device}" + (f", LoRA rank {config.lora_rank}: {trainable_params:,} of {params:,} "
+        f"parameters trainable ({100 * trainable_params / params:.2f}%)" if lora else "") + "; memory estimate (GiB): "
+        f"{memory_estimate_gib(policy, config, reference is not None, device.type == 'cuda', engine is not None)}")
     template_kwargs = {"enable_thinking": config.enable_thinking} if "qwen3" in config.model.lower() or \
         "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "") else {}
     scale_by_std = None if config.scale_by_std == "auto" else config.scale_by_std == "true"
@@ -477,8 +588,9 @@ def train(config: Config) -> dict:
             with torch.no_grad(), autocast():
                 old_logps, entropy = token_logprobs(policy, input_ids, attention_mask, completion_mask,
                                                     config.temperature, config.micro_batch_size, return_entropy=True)
-                ref_logps = token_logprobs(reference, input_ids, attention_mask, completion_mask, config.temperature,
-                                           config.micro_batch_size) if reference is not None else None
+                with adapters_disabled(reference):                  # LoRA: π_ref is the base, adapters off
+                    ref_logps = token_logprobs(reference, input_ids, attention_mask, completion_mask, config.temperature,
+                                               config.micro_batch_size) if reference is not None else None
             seq_logps = lambdapo.sequence_scores(old_logps, completion_mask, config.seq_logp).view(-1, G)  # ℓ (num_prompts, G)
             advantages = lambdapo.compute_advantages(config.algo, reward_values, seq_logps, config.tau,
                                                      scale_by_std)                                        # (B,)
@@ -609,7 +721,10 @@ def train(config: Config) -> dict:
             log("matplotlib is not installed: no curves.png (pip install matplotlib)")
     summary = {"out_dir": str(out_dir), "steps": config.num_steps,
                "initial_eval_accuracy": initial_eval.get("eval/accuracy"),
-               "final_eval_accuracy": final_eval.get("eval/accuracy")}
+               "final_eval_accuracy": final_eval.get("eval/accuracy"),
+               "trainable_parameters": trainable_params, "parameters": params}
+    if device.type == "cuda":                           # what the whole run needed at its worst moment
+        summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
     log(f"Done: {json.dumps(summary)}")
     return summary
 

@@ -1,0 +1,253 @@
+"""The policy: which weights, in which dtype, with or without LoRA adapters, and one-line load errors.
+
+train.py, eval.py and bench.py (and the TRL launcher) load every model through this file, so "toy", a local
+folder and a Hub name mean the same thing everywhere and fail with the same one-line message.
+
+    load_model(name, device, dtype, trust_remote_code, log)  -> (model, tokenizer)    toy | folder | Hub name
+    add_lora(model, rank, alpha, dropout, target_modules, seed, adapter_dir=None) -> peft.PeftModel
+    save_model(path, model, tokenizer)                       a plain save_pretrained folder (LoRA merged in)
+    MergedLoraGenerator(peft_model, compile)                 the rollout engine of a LoRA policy (see below)
+
+LoRA (Hu et al. 2021, arXiv 2106.09685) through `peft`, the library TRL users already know: each targeted
+linear layer W (out × in) gets a trainable low-rank update, y = W x + (α / r) · B (A x), A (r × in) random,
+B (out × r) zero, so the wrapped model starts exactly at W. Only A and B are trained: the base weights are
+frozen in bf16 on CUDA (float32 on CPU) and need neither gradients nor AdamW state, which is what lets a
+1.7B model train on a 24 GB GPU. The adapters stay float32 (peft's `autocast_adapter_dtype`): they are the
+master weights that AdamW updates, and pure-bf16 AdamW drops small updates (DESIGN.md §5).
+
+A LoRA policy is a `peft.PeftModel`. Three things follow from that, and train.py relies on each:
+- the reference policy π_ref of the KL penalty is the same model with its adapters switched off
+  (`adapters_disabled`): no second copy of the weights;
+- a checkpoint is the adapter (`PeftModel.save_pretrained`: adapter_config.json + adapter_model.safetensors,
+  a few MB) plus the optimizer state of the adapters only;
+- `final/` (and `initial/`) are merged (W + (α / r) B A) plain model folders: `AutoModelForCausalLM`, eval.py
+  and vLLM load them like any other model, with no peft installed.
+"""
+
+import copy
+import os
+import warnings
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from rollout import FastGenerator
+
+# peft's own name for "every nn.Linear except the output head": q/k/v/o_proj of attention and
+# gate/up/down_proj of the MLP on Qwen3 and Llama-style models, qkv_proj/o_proj/gate_up_proj/down_proj on
+# Phi-4-mini. The embeddings and the LM head (tied to them on small Qwen3 models) stay frozen.
+ALL_LINEAR = "all-linear"
+
+
+class ModelLoadError(RuntimeError):
+    """A model name or folder that cannot be loaded, or LoRA settings that do not fit it; one line says why."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: "toy", a local save_pretrained folder, or a Hub name
+# ---------------------------------------------------------------------------------------------------
+def is_local_path(name: str) -> bool:
+    """A Hub name is "owner/model" (or a bare legacy name); anything else is meant as a local folder."""
+    name = os.path.expanduser(name)
+    return os.path.exists(name) or name.startswith((".", "/")) or name.count("/") > 1
+
+
+def check_model_name(name: str) -> None:
+    """Fail at once (before any data or weights load) on a local model folder that does not exist."""
+    if name != "toy" and is_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise ModelLoadError(f"model folder not found: {name}")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device: cpu, cuda or cuda:N (default: cuda when torch sees a GPU), checked before anything loads."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelLoadError(f"--device {name}: not a device (use cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {name}: torch sees no CUDA GPU on this machine (use cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool = False, log=print):
+    """(model, tokenizer) from "toy" (the cached warm-started tiny model), a local folder, or a Hub name.
+
+    Weights load in `dtype`: float32 for full fine-tuning (float32 master weights; bf16 autocast does the
+    math), bf16 for a frozen LoRA base on CUDA or for evaluation on CUDA. `trust_remote_code` stays off
+    unless the user asks: it runs Python shipped with the checkpoint.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "toy":
+        import toy
+        name = str(toy.warm_started_model_dir(log=log))
+    name = os.path.expanduser(name)
+    check_model_name(name)
+    looks_local = is_local_path(name)
+    if looks_local and not any(os.path.exists(os.path.join(name, f)) for f in ("config.json", "adapter_config.json")):
+        raise ModelLoadError(f"could not load local folder '{name}': it has no config.json (not a save_pretrained "
+                             f"model folder; a training run's model is its final/ folder)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        where = "local folder" if looks_local else "Hub model (no network? wrong name? gated?)"
+        raise ModelLoadError(f"could not load {where} '{name}': {str(error).splitlines()[0]}") from error
+    if tokenizer.pad_token_id is None:              # many base models ship without a pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------------
+def parse_target_modules(text: str) -> str | list[str]:
+    """--lora_target_modules: "all-linear" (peft's every-linear-but-the-head) or comma-separated module names.
+
+    >>> parse_target_modules("all-linear"), parse_target_modules("q_proj, v_proj")
+    ('all-linear', ['q_proj', 'v_proj'])
+    """
+    if text.strip() == ALL_LINEAR:
+        return ALL_LINEAR
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ModelLoadError(f"--lora_target_modules: no module names in {text!r} (e.g. all-linear or q_proj,v_proj)")
+    return names
+
+
+def lora_config(rank: int, alpha: float, dropout: float = 0.0, target_modules: str | list[str] = ALL_LINEAR):
+    """The peft.LoraConfig of a policy (also what a TRL GRPOTrainer takes as `peft_config`)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def add_lora(model, rank: int, alpha: float, dropout: float = 0.0, target_modules: str | list[str] = ALL_LINEAR,
+             seed: int = 0, adapter_dir: str | os.PathLike | None = None):
+    """Freeze `model` and wrap it with fresh LoRA adapters (or those saved in `adapter_dir`) -> peft.PeftModel.
+
+    Fresh A matrices are drawn from their own seeded RNG (the caller's RNG is left as it was), so a run's
+    adapters depend on `seed` only. Adapters are float32 whatever the base dtype. With `adapter_dir` (a
+    checkpoint) the saved rank, α and targets must be the ones asked for: resuming with other LoRA settings
+    would silently train something else. Returned in eval mode (train.py switches to train() for the update).
+    """
+    try:
+        import peft
+    except ImportError as error:          # absent, or too old for transformers 5 (peft < 0.18 imports HybridCache)
+        raise ModelLoadError(f"--lora_rank needs peft>=0.18,<0.22 (pip install -r requirements.txt): {error}") from error
+    config = lora_config(rank, alpha, dropout, target_modules)
+    with warnings.catch_warnings():                      # peft asks transformers 5 a deprecated question
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            if adapter_dir is not None:
+                saved = peft.PeftConfig.from_pretrained(str(adapter_dir))
+                asked = {"rank": rank, "alpha": alpha, "target_modules": target_modules}
+                found = {"rank": saved.r, "alpha": saved.lora_alpha, "target_modules": saved.target_modules}
+                if isinstance(found["target_modules"], (set, list)) and not isinstance(asked["target_modules"], str):
+                    found["target_modules"], asked["target_modules"] = sorted(found["target_modules"]), sorted(asked["target_modules"])
+                for key in asked:
+                    if key == "target_modules" and asked[key] == ALL_LINEAR:
+                        continue                         # peft stores all-linear expanded to the module names
+                    if asked[key] != found[key]:
+                        raise ModelLoadError(f"{adapter_dir} holds LoRA adapters with {key} {found[key]}, not "
+                                             f"{asked[key]}: resume with the options the run started with")
+                # (eval mode, as from_pretrained gives: is_trainable=True leaves it in train mode, and π_old's
+                # log-probs would then be computed with adapter dropout on)
+                return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True).eval()
+            with torch.random.fork_rng(devices=[]):        # A is initialised on the CPU, then moved
+                torch.manual_seed(seed)
+                return peft.get_peft_model(model, config).eval()
+        except ValueError as error:                        # e.g. "Target modules {'qq_proj'} not found"
+            raise ModelLoadError(f"LoRA: {str(error).splitlines()[0]}") from error
+
+
+def is_lora(model) -> bool:
+    """True for a peft-wrapped model (one whose weights train as adapters)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def adapters_disabled(model):
+    """Context in which a LoRA model computes with its base weights only (π_ref); a no-op for other models.
+
+    Used for the KL reference: log π_ref(o) are the log-probs of the frozen base, the same weights the
+    adapters sit on, so β > 0 costs no second copy of the model.
+    """
+    return model.disable_adapter() if is_lora(model) else nullcontext()
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(all parameters, trainable parameters)."""
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def merged_copy(model):
+    """A plain transformers model whose weights are W + (α / r) B A: the policy without peft. Other models: itself."""
+    if not is_lora(model):
+        return model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(model).merge_and_unload()
+
+
+def save_model(path, model, tokenizer) -> None:
+    """A save_pretrained folder with its tokenizer; a LoRA model is saved merged (a plain model folder)."""
+    merged_copy(model).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling from a LoRA policy
+# ---------------------------------------------------------------------------------------------------
+class MergedLoraGenerator(FastGenerator):
+    """rollout.FastGenerator for a LoRA policy: it samples from a plain copy of the model (bf16 on CUDA) whose
+    weights are W + (α / r) B A, recomputed from the current adapters by `sync()` after each optimizer step.
+
+    Why merged, not adapter-aware: through peft every targeted layer costs two extra small matmuls, a dtype
+    cast and Python dispatch per decoded token (7 layers × 28 blocks on Qwen3-1.7B), while the merge costs
+    one (out × r) @ (r × in) product per layer per *step*, and the decode step stays a plain transformers
+    model (which is what the compiled, graph-captured step is tuned for). The price is one generation copy of
+    the weights, the same copy full fine-tuning keeps on CUDA. `--rollout_engine plain` samples through peft
+    itself instead (adapter-aware `model.generate`, no copy; the CPU default).
+
+    The merged weights are written in place (`copy_`), so a compiled or graph-captured decode step keeps
+    reading the same tensors.
+    """
+
+    def __init__(self, policy, compile: bool = False, check_every: int = 16):
+        device = next(policy.parameters()).device
+        dtype = torch.bfloat16 if device.type == "cuda" else next(policy.get_base_model().parameters()).dtype
+        merged = merged_copy(policy).to(dtype).eval()
+        super().__init__(merged, compile=compile, check_every=check_every)   # low precision or CPU: used as is
+        self.model = self.policy = merged       # (whatever the base class would copy: sync() writes into this one)
+        self.lora_policy = policy
+        merged_modules = dict(merged.named_modules())
+        # (peft LoRA layer, the plain Linear of the merged copy that holds W + ΔW): module names match once
+        # peft's "base_model.model." prefix is removed.
+        self.pairs = [(layer, merged_modules[name.removeprefix("base_model.model.")])
+                      for name, layer in policy.named_modules() if hasattr(layer, "get_delta_weight")
+                      and name.removeprefix("base_model.model.") in merged_modules]
+        self.sync()
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Merged weight = base weight + (α / r) B A of the current adapters, rounded once to the copy's dtype."""
+        for layer, target in self.pairs:
+            adapter = layer.active_adapters[0]
+            delta = layer.get_delta_weight(adapter).float()                   # (α / r) · B @ A, float32
+            target.weight.copy_(layer.get_base_layer().weight.float() + delta)
+
+
+def make_lora_engine(choice: str, policy, compile: bool = True) -> FastGenerator | None:
+    """The rollout engine of a LoRA policy: "fast" (or "auto" on CUDA) -> MergedLoraGenerator; "plain" or
+    "auto" on CPU -> None (peft's adapter-aware model.generate)."""
+    on_cuda = next(policy.parameters()).device.type == "cuda"
+    return MergedLoraGenerator(policy, compile=compile) if choice == "fast" or (choice == "auto" and on_cuda) else None
