@@ -39,7 +39,7 @@ from tqdm import tqdm
 import data
 import lambdapo
 import rewards
-from eval import OneLineErrorParser, evaluate
+from eval import OneLineErrorParser, evaluate, parse_bool
 from models import (ModelLoadError, adapters_disabled, add_lora, check_model_name, load_model, make_lora_engine,
                     parameter_counts, parse_target_modules, resolve_device, save_model)
 from rollout import SamplingConfig, generate, make_engine, token_logprobs
@@ -145,14 +145,6 @@ LORA_PRESETS = {
     "toy": dict(lr=5e-4),
     "llm": dict(lr=1e-5, generation_batch_size=64),
 }
-
-
-def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def parse_config(argv=None) -> Config:
