@@ -4,7 +4,8 @@
     python plot.py runs/lampo runs/grpo --out compare.png
 
 Reads each run's metrics.jsonl (one JSON object per step, written by train.py) and draws reward, accuracy,
-held-out accuracy, completion length, clip fraction and entropy against the step, one line per run.
+held-out accuracy, completion length, clip fraction, entropy and the LamPO weight diagnostics against the
+step, one line per run.
 """
 
 import argparse
@@ -13,7 +14,11 @@ from pathlib import Path
 
 PANELS = [("reward", "reward"), ("accuracy", "train accuracy"), ("eval/accuracy", "held-out accuracy"),
           ("completions/mean_length", "completion length (tokens)"), ("clip_fraction", "clip fraction"),
-          ("entropy", "entropy (nats/token)")]
+          ("entropy", "entropy (nats/token)"),
+          # What LamPO's confidence weights did (lambdapo.lampo_diagnostics; logged for every --algo):
+          # how far from 1 the weights of pairs with a reward gap are, and how often the policy ranks a pair wrongly.
+          ("lampo/weight_mean", "LamPO pair weight (mean)"), ("lampo/weight_std", "LamPO pair weight (std)"),
+          ("lampo/misordered_pairs", "misordered pairs (share)")]
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -28,7 +33,7 @@ def plot_runs(run_dirs: list[str], out: str) -> str:
     matplotlib.use("Agg")                      # no display needed
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    figure, axes = plt.subplots(3, 3, figsize=(13, 9.5))
     for run_dir in run_dirs:
         rows = read_metrics(run_dir)
         for axis, (key, title) in zip(axes.flat, PANELS):

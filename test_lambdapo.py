@@ -1854,3 +1854,14 @@ def test_lora_demo_learns(tmp_path):
     summary = train.main(["--lora_rank", "16", "--out_dir", str(tmp_path / "demo"), "--plot", "false"])
     gain = summary["final_eval_accuracy"] - summary["initial_eval_accuracy"]
     assert gain >= (0.20 if summary["initial_eval_accuracy"] >= 0.52 else 0.10)
+
+
+def test_plot_draws_the_lampo_diagnostics(tmp_path):
+    import plot
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "reward": 0.5, "lampo/weight_mean": 1.0 + s / 10, "lampo/misordered_pairs": 0.2} for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [key for key, _ in plot.PANELS][-3:] == ["lampo/weight_mean", "lampo/weight_std", "lampo/misordered_pairs"]
+    out = plot.plot_runs([str(run)], str(tmp_path / "curves.png"))
+    assert os.path.getsize(out) > 10_000
