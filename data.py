@@ -47,6 +47,7 @@ LETTERS = "ABCD"
 # name -> (Hub id, config, split) for the evaluation benchmarks; "toy" is built in (toy.py).
 BENCHMARKS: dict[str, tuple[str, str | None, str] | None] = {
     "toy": None,
+    "toy_hard": None,
     "math500": ("HuggingFaceH4/MATH-500", None, "test"),
     "aime24": ("HuggingFaceH4/aime_2024", None, "train"),
     "aime25": ("math-ai/aime25", None, "test"),
@@ -61,6 +62,7 @@ GPQA_TERMS_URL = "https://huggingface.co/datasets/Idavidrein/gpqa"
 PROBLEM_FIELDS = ("problem", "question", "prompt", "Question", "input", "query")
 ANSWER_FIELDS = ("answer", "final_answer", "ground_truth", "gt_answer", "target", "expected_answer")
 SOLUTION_FIELDS = ("solution", "reasoning", "explanation", "Explanation", "rationale", "response")
+TOY_TASKS = ("toy", "toy_hard")  # the built-in tasks (toy.TASKS): a training set and a benchmark each
 TOY_TRAIN_SIZE = 5000  # records made by toy.train_records when no limit is given
 TOY_HELDOUT_SIZE = 200  # records made by toy.heldout_records when no limit is given
 
@@ -275,12 +277,15 @@ def gpqa_records(rows: list[dict], name: str = "gpqa_diamond", seed: int = 0) ->
     return records
 
 
-def toy_records(n: int | None, seed: int = 0, heldout: bool = False) -> list[dict]:
-    """The built-in synthetic task of toy.py (already {prompt, answer, solution})."""
+def toy_records(n: int | None, seed: int = 0, heldout: bool = False, task: str = "toy") -> list[dict]:
+    """A built-in synthetic task of toy.py, "toy" or "toy_hard" (already {prompt, answer, solution})."""
     import toy  # lazy: toy.py builds a model and a tokenizer we do not need here
 
-    rows = toy.heldout_records(n or TOY_HELDOUT_SIZE) if heldout else toy.train_records(n or TOY_TRAIN_SIZE, seed)
-    return [{"task": "math", "id": f"toy/{i}", **r} for i, r in enumerate(rows)]
+    if heldout:
+        rows = toy.heldout_records(n or TOY_HELDOUT_SIZE, task=task)
+    else:
+        rows = toy.train_records(n or TOY_TRAIN_SIZE, seed, task=task)
+    return [{"task": "math", "id": f"{task}/{i}", **r} for i, r in enumerate(rows)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,8 +295,8 @@ def load_benchmark(name: str, data_file: str | None = None, limit: int | None = 
     """An evaluation benchmark (see BENCHMARKS) as records; data_file reads the same layout from a local file."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark '{name}' (valid: {', '.join(BENCHMARKS)})")
-    if name == "toy":
-        return toy_records(limit, seed, heldout=True)
+    if name in TOY_TASKS:
+        return toy_records(limit, seed, heldout=True, task=name)
     source, config, split = BENCHMARKS[name]
     rows = _rows(source, config, split, data_file, limit)
     if name == "gpqa_diamond":
@@ -310,8 +315,8 @@ def load_train_dataset(name: str, split: str = "train", data_file: str | None = 
     or any Hub id ("owner/dataset" or "owner/dataset:config"). data_file reads a local file in the named layout.
     Rows with an empty answer (2 MATH problems have "\\boxed{}") are dropped: no completion could be graded right.
     """
-    if name == "toy":
-        return toy_records(limit, seed)
+    if name in TOY_TASKS:
+        return toy_records(limit, seed, task=name)
     if name == "math":
         rows = _rows(*MATH_TRAIN_HUB, split, data_file, limit)
         records = math_records(rows, name, problem_field or "problem", answer_field, solution_field or "solution")

@@ -168,10 +168,19 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def toy_budget(benchmark: str) -> int:
+    """The default completion budget: the built-in task's (its longest worked solution fits), else 4096."""
+    if benchmark in data.TOY_TASKS:
+        import toy  # lazy, as in data.py
+        return toy.TASKS[benchmark].max_new_tokens
+    return 4096
+
+
 def parse_args(argv=None):
     parser = OneLineErrorParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="toy", help="'toy', a local save_pretrained folder, or a Hub name")
+    parser.add_argument("--model", default="toy", help="'toy' or 'toy_hard' (the tiny model warm-started on that "
+                                                       "built-in task), a local save_pretrained folder, or a Hub name")
     parser.add_argument("--benchmark", default="toy", choices=list(data.BENCHMARKS), help="which benchmark")
     parser.add_argument("--data_file", default=None, help="read the benchmark from this local .jsonl/.json/.parquet "
                         "file (same fields as the Hub copy) instead of the Hub")
@@ -182,7 +191,7 @@ def parse_args(argv=None):
     parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling; default: per model family")
     parser.add_argument("--max_new_tokens", type=int, default=None,
                         help="completion budget; default: the training run's eval budget for a run folder "
-                             "(runs/X/final), else 48 for toy and 4096 otherwise (raise it for thinking mode)")
+                             "(runs/X/final), else 48 for toy, 64 for toy_hard and 4096 otherwise (raise it for thinking mode)")
     parser.add_argument("--enable_thinking", type=parse_bool, default=None,
                         help="Qwen3 chat template switch (true/false); default: the training run's setting for a "
                              "run folder, else the template's own default (thinking on for Qwen3)")
@@ -219,9 +228,10 @@ def check_args(args) -> None:
     for name, (valid, rule) in rules.items():
         if not valid(getattr(args, name)):
             raise ValueError(f"--{name} must be {rule}, got {getattr(args, name)}")
-    if args.data_file and args.benchmark == "toy":     # the built-in toy set reads no file: it would be ignored
-        raise ValueError(f"--data_file {args.data_file} would be ignored: --benchmark toy is built in; name the "
-                         f"file's benchmark with --benchmark {{{','.join(b for b in data.BENCHMARKS if b != 'toy')}}}")
+    if args.data_file and args.benchmark in data.TOY_TASKS:     # a built-in set reads no file: it would be ignored
+        others = ",".join(b for b in data.BENCHMARKS if b not in data.TOY_TASKS)
+        raise ValueError(f"--data_file {args.data_file} would be ignored: --benchmark {args.benchmark} is built in; "
+                         f"name the file's benchmark with --benchmark {{{others}}}")
     if args.out and (Path(args.out).is_dir() or Path(args.out).suffix == ".jsonl"):
         raise ValueError(f"--out {args.out}: give a file name such as results.json (the per-problem .jsonl goes next to it)")
     if args.resume and not args.out:
@@ -364,7 +374,7 @@ def main(argv=None):
         defaults = {"temperature": 0.0, "top_p": 1.0}       # train.py's evaluations are greedy
     temperature = defaults["temperature"] if args.temperature is None else args.temperature
     sampling = SamplingConfig(temperature=temperature, top_p=defaults["top_p"] if args.top_p is None else args.top_p,
-                              max_new_tokens=args.max_new_tokens or budget or (48 if args.benchmark == "toy" else 4096),
+                              max_new_tokens=args.max_new_tokens or budget or toy_budget(args.benchmark),
                               do_sample=temperature > 0, batch_size=args.batch_size)
     chat_template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     settings = {"temperature": sampling.temperature, "top_p": sampling.top_p,

@@ -120,6 +120,35 @@ def sequence_scores(logps: torch.Tensor, mask: torch.Tensor, normalize: str = "m
     return total / mask.sum(dim=-1).clamp_min(1.0)
 
 
+def seq_logp_spread(seq_logps: torch.Tensor) -> torch.Tensor:
+    """The mean over groups of the within-group std of ℓ (unbiased): how far apart the policy's own scores
+    of one prompt's completions are. Scalar; 0 when G < 2. (num_prompts, G) -> ()
+
+    >>> seq_logp_spread(torch.tensor([[-1.0, -3.0], [-2.0, -2.0]]))    # stds √2 and 0
+    tensor(0.7071)
+    """
+    if seq_logps.shape[-1] < 2:
+        return seq_logps.new_zeros(())
+    return seq_logps.std(dim=-1).mean()
+
+
+def relative_tau(seq_logps: torch.Tensor, tau: float, floor: float = 1e-6) -> float:
+    """A scale-free τ: `tau` in units of the step's ℓ spread, τ_eff = τ · seq_logp_spread(ℓ).
+
+    Why: the weights see only (ℓ_i − ℓ_j)/τ, and the size of an ℓ gap depends on things unrelated to
+    confidence: length normalisation ("mean" gaps are ~|o| times smaller than "sum" gaps), the policy's
+    entropy (it falls during training) and the model. A fixed τ = 1 nat is then RLOO on one task and a
+    hard 0/2 weight on another. Measured in spreads, τ = 1 means "a pair one typical gap apart gets
+    w = 2σ(±1) = 0.54 or 1.46" on every task, at every step, for mean and sum alike. One number per step
+    (not per group), so a group the policy is sure about still gets weights nearer 1 than an unsure one.
+    A step where every ℓ in every group is equal has no gaps to weigh: `floor` keeps τ_eff > 0.
+
+    >>> relative_tau(torch.tensor([[-1.0, -3.0], [-2.0, -2.0]]), tau=2.0)     # 2 · 0.7071
+    1.4142...
+    """
+    return max(tau * float(seq_logp_spread(seq_logps.detach())), floor)
+
+
 def compute_advantages(algo: str, rewards: torch.Tensor, seq_logps: torch.Tensor | None = None,
                        tau: float = 1.0, scale_by_std: bool | None = None) -> torch.Tensor:
     """One switch for `--algo`: lampo | grpo | dr_grpo | rloo. Returns (num_prompts · G,), groups contiguous.

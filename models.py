@@ -54,7 +54,7 @@ def is_local_path(name: str) -> bool:
 
 def check_model_name(name: str) -> None:
     """Fail at once (before any data or weights load) on a local model folder that does not exist."""
-    if name != "toy" and is_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+    if name not in ("toy", "toy_hard") and is_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
         raise ModelLoadError(f"model folder not found: {name}")
 
 
@@ -85,9 +85,9 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name == "toy":
+    if name in ("toy", "toy_hard"):            # the tiny model warm-started on that built-in task's teacher
         import toy
-        name = str(toy.warm_started_model_dir(log=log))
+        name = str(toy.warm_started_model_dir(log=log, task=name))
     name = os.path.expanduser(name)
     check_model_name(name)
     looks_local = is_local_path(name)

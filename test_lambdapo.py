@@ -1797,7 +1797,7 @@ def malformed_jsonl(tmp_path):
     (["--device", "gpu"], "--device gpu: not a device"),                               # not a device
     (["--dataset", "math", "--data_file", "BAD"], "bad.jsonl, line 2: not valid JSON"),   # a malformed line
     (["--data_file", os.path.join(FIXTURES, "math_train.jsonl")], "would be ignored: the training set is the built-in toy"),
-    (["--dataset", "mathh"], "--dataset mathh: not toy, math, gsm8k"),                # a typo, not a Hub query
+    (["--dataset", "mathh"], "--dataset mathh: not toy, toy_hard, math, gsm8k"),                # a typo, not a Hub query
     (["--lora_rank", "2", "--lora_target_modules", "qq_proj"], "LoRA: Target modules {'qq_proj'} not found"),
     (["--lora_alpha", "4"], "need --lora_rank R > 0"),                                 # given, would be ignored
 ])

@@ -31,6 +31,7 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ import torch
 # Bump when the task, tokenizer, model or warm start changes: it is part of the cache key.
 TOY_VERSION = 1
 TEACHER_DROP_RATE = 0.8          # share of final carries the teacher forgets
+HARD_DROP_RATE = 0.95            # toy_hard: share of *each* carry the teacher forgets
 HELDOUT_MODULUS = 10             # 1 pair in 10 is held out for evaluation
 
 EOS = "<|endoftext|>"            # also the pad token, on purpose: masks must never come from pad ids
@@ -57,8 +59,11 @@ CHAT_TEMPLATE = (
 # ---------------------------------------------------------------------------------------------------
 # The task
 # ---------------------------------------------------------------------------------------------------
-def worked_solution(a: int, b: int, drop_final_carry: bool = False) -> str:
+def worked_solution(a: int, b: int, drop_final_carry: bool = False, forget_carry=None) -> str:
     """Column-by-column addition, least significant column first, then the boxed sum.
+
+    `drop_final_carry` is the toy teacher's flaw (the last carry is lost); `forget_carry(column)` is the hard
+    task's (called at each column that carries out, True loses that carry: the next column adds +0).
 
     >>> print(worked_solution(85, 47))
     5+7+0=12
@@ -66,16 +71,23 @@ def worked_solution(a: int, b: int, drop_final_carry: bool = False) -> str:
     \\boxed{132}
     >>> worked_solution(85, 47, drop_final_carry=True).splitlines()[-1]
     '\\\\boxed{32}'
+    >>> print(worked_solution(85, 47, forget_carry=lambda column: column == 0))
+    5+7+0=12
+    8+4+0=12
+    \\boxed{122}
     """
     digits_a, digits_b = str(a)[::-1], str(b)[::-1]
+    columns = max(len(digits_a), len(digits_b))
     lines, carry, answer_digits = [], 0, []
-    for column in range(max(len(digits_a), len(digits_b))):
+    for column in range(columns):
         da = int(digits_a[column]) if column < len(digits_a) else 0
         db = int(digits_b[column]) if column < len(digits_b) else 0
         total = da + db + carry
         lines.append(f"{da}+{db}+{carry}={total}")
         answer_digits.append(str(total % 10))
         carry = total // 10
+        if carry and forget_carry is not None and forget_carry(column):
+            carry = 0
     if carry and not drop_final_carry:
         answer_digits.append(str(carry))
     answer = "".join(reversed(answer_digits)).lstrip("0") or "0"
@@ -96,13 +108,13 @@ def _random_operand(rng: random.Random, num_digits: int) -> int:
     return rng.randint(0 if num_digits == 1 else 10 ** (num_digits - 1), 10 ** num_digits - 1)
 
 
-def _sample_pairs(num: int, rng: random.Random, heldout: bool) -> list[tuple[int, int]]:
-    """Both operands get the same number of digits (1, 2 or 3, equally likely). Why: with unequal
+def _sample_pairs(num: int, rng: random.Random, heldout: bool, digits: tuple[int, int] = (1, 3)) -> list[tuple[int, int]]:
+    """Both operands get the same number of digits (uniform in `digits`: 1–3 for the toy). Why: with unequal
     lengths a final carry is rare (~15% of problems) and the teacher's flaw would leave RL little to
     fix; with equal lengths about 45% of problems end in a carry."""
     pairs = []
     while len(pairs) < num:
-        num_digits = rng.randint(1, 3)
+        num_digits = rng.randint(*digits)
         a, b = _random_operand(rng, num_digits), _random_operand(rng, num_digits)
         if is_heldout(a, b) == heldout:
             pairs.append((a, b))
@@ -114,14 +126,15 @@ def _record(a: int, b: int) -> dict:
             "task": "math"}
 
 
-def train_records(num: int, seed: int = 0) -> list[dict]:
+def train_records(num: int, seed: int = 0, task: str = "toy") -> list[dict]:
     """`num` training problems {prompt, answer, solution}; never from the held-out pairs."""
-    return [_record(a, b) for a, b in _sample_pairs(num, random.Random(seed), heldout=False)]
+    pairs = _sample_pairs(num, random.Random(seed), heldout=False, digits=TASKS[task].digits)
+    return [_record(a, b) for a, b in pairs]
 
 
-def heldout_records(num: int = 200, seed: int = 1234) -> list[dict]:
+def heldout_records(num: int = 200, seed: int = 1234, task: str = "toy") -> list[dict]:
     """A fixed, seeded evaluation set from the held-out pairs (identical in every process)."""
-    return [_record(a, b) for a, b in _sample_pairs(num, random.Random(seed), heldout=True)]
+    return [_record(a, b) for a, b in _sample_pairs(num, random.Random(seed), heldout=True, digits=TASKS[task].digits)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,17 +179,40 @@ def build_model(tokenizer, seed: int = 0):
 # The warm start: supervised fine-tuning on the imperfect teacher
 # ---------------------------------------------------------------------------------------------------
 WARM_START = dict(steps=500, batch_size=64, lr=5e-3, warmup=30, seed=0)
+HARD_WARM_START = dict(steps=1000, batch_size=64, lr=2e-3, warmup=30, seed=0)
 
 
-def teacher_solution(a: int, b: int, rng: random.Random) -> str:
-    return worked_solution(a, b, drop_final_carry=rng.random() < TEACHER_DROP_RATE)
+@dataclass(frozen=True)
+class Task:
+    """One built-in task: which problems, and how the teacher of the warm start is wrong."""
+    digits: tuple[int, int]        # operand length range (both operands of a problem have the same length)
+    drop_rate: float               # how often the teacher loses a carry
+    every_carry: bool              # False: only the final carry can be lost; True: every carry, independently
+    warm_start: dict               # WARM_START settings
+    max_new_tokens: int            # completion budget that fits the longest worked solution
 
 
-def sft_batch(tokenizer, pairs, rng: random.Random):
+TASKS = {
+    "toy": Task(digits=(1, 3), drop_rate=TEACHER_DROP_RATE, every_carry=False, warm_start=WARM_START,
+                max_new_tokens=48),
+    "toy_hard": Task(digits=(2, 4), drop_rate=HARD_DROP_RATE, every_carry=True, warm_start=HARD_WARM_START,
+                     max_new_tokens=64),
+}
+
+
+def teacher_solution(a: int, b: int, rng: random.Random, task: str = "toy") -> str:
+    """The imperfect teacher the warm start imitates (the verifier always checks the true sum)."""
+    spec = TASKS[task]
+    if spec.every_carry:                    # toy_hard: each carry is lost independently
+        return worked_solution(a, b, forget_carry=lambda column: rng.random() < spec.drop_rate)
+    return worked_solution(a, b, drop_final_carry=rng.random() < spec.drop_rate)
+
+
+def sft_batch(tokenizer, pairs, rng: random.Random, task: str = "toy"):
     """Left-padded prompt + teacher completion + EOS; labels = -100 outside the completion."""
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt_text(a, b)}],
                                              tokenize=False, add_generation_prompt=True) for a, b in pairs]
-    completions = [teacher_solution(a, b, rng) + EOS for a, b in pairs]
+    completions = [teacher_solution(a, b, rng, task) + EOS for a, b in pairs]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
     length = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
@@ -193,7 +229,7 @@ def sft_batch(tokenizer, pairs, rng: random.Random):
 
 
 def warm_start(out_dir: str | Path, steps: int, batch_size: int, lr: float, warmup: int, seed: int,
-               log=print) -> None:
+               log=print, task: str = "toy") -> None:
     """Train the tiny model on teacher solutions of training pairs and `save_pretrained` it."""
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=seed)
@@ -205,7 +241,7 @@ def warm_start(out_dir: str | Path, steps: int, batch_size: int, lr: float, warm
     start = time.time()
     for step in range(steps):
         input_ids, attention_mask, position_ids, labels = sft_batch(
-            tokenizer, _sample_pairs(batch_size, rng, heldout=False), rng)
+            tokenizer, _sample_pairs(batch_size, rng, heldout=False, digits=TASKS[task].digits), rng, task)
         loss = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
@@ -226,24 +262,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LAMBDAPO_CACHE", Path.home() / ".cache" / "lambdapo"))
 
 
-def warm_started_model_dir(log=print, **overrides) -> Path:
+def warm_started_model_dir(log=print, task: str = "toy", **overrides) -> Path:
     """Path of the cached warm-started toy model, training it first if the cache has none.
 
     The cache key hashes everything that shapes the model, so a change to any of it trains anew.
     The folder is written under a temporary name and renamed, so an interrupted warm start never
     leaves a half-written model behind.
     """
-    settings = {**WARM_START, **overrides}
-    key = json.dumps({"version": TOY_VERSION, "shape": MODEL_SHAPE, "drop": TEACHER_DROP_RATE,
-                      "chars": "".join(CHARS), "warm_start": settings}, sort_keys=True)
-    path = cache_dir() / f"toy-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    spec = TASKS[task]
+    settings = {**spec.warm_start, **overrides}
+    fields = {"version": TOY_VERSION, "shape": MODEL_SHAPE, "drop": spec.drop_rate, "chars": "".join(CHARS),
+              "warm_start": settings}
+    if task != "toy":                        # (the toy's key predates the tasks: keep its cached model valid)
+        fields.update(task=task, digits=spec.digits, every_carry=spec.every_carry)
+    key = json.dumps(fields, sort_keys=True)
+    path = cache_dir() / f"{task.replace('_', '-')}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     log(f"Warm-starting the toy model (once; cached in {path}) ...")
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".warm-start-"))
     try:
-        warm_start(tmp, log=log, **settings)
+        warm_start(tmp, log=log, task=task, **settings)
         os.replace(tmp, path)                # atomic: the cache entry is complete or absent
     except OSError:
         if not (path / "config.json").exists():

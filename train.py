@@ -56,10 +56,12 @@ def option(default, help):
 @dataclass
 class Config:
     # what to train
-    model: str = option("toy", "'toy' (tiny offline model, warm-started once and cached), a local "
-                               "save_pretrained folder, or a Hub name such as Qwen/Qwen3-1.7B")
-    dataset: str = option(None, "training set: toy | math | gsm8k | a Hub id | a local .jsonl/.parquet "
-                                "(preset: toy for the toy model, math otherwise)")
+    model: str = option("toy", "'toy' (tiny offline model, warm-started once and cached; 'toy_hard' the same "
+                               "model warm-started on the harder task), a local save_pretrained folder, or a Hub "
+                               "name such as Qwen/Qwen3-1.7B")
+    dataset: str = option(None, "training set: toy | toy_hard | math | gsm8k | a Hub id | a local .jsonl/.parquet "
+                                "(preset: the toy model's own task, math otherwise; toy_hard alone selects "
+                                "--model toy_hard)")
     data_file: str = option(None, "read the training set from this local file (same fields as the Hub copy)")
     problem_field: str = option(None, "dataset field with the problem text (default: guessed)")
     answer_field: str = option(None, "dataset field with the final answer (default: guessed)")
@@ -69,6 +71,9 @@ class Config:
     # the algorithm (lambdapo.py)
     algo: str = option("lampo", "advantage: lampo (pairwise, confidence-weighted) | grpo | dr_grpo | rloo")
     tau: float = option(1.0, "LamPO temperature τ of the confidence weights; inf gives RLOO")
+    relative_tau: bool = option(False, "measure τ in units of the step's ℓ spread (lampo/seq_logp_std, the mean "
+                                       "within-group std of ℓ): τ_eff = τ · spread, scale-free across tasks, "
+                                       "models, mean/sum and training time (lambdapo.relative_tau)")
     seq_logp: str = option("mean", "LamPO sequence score ℓ_i: mean (length-normalised) or sum of token log-probs")
     scale_by_std: str = option("auto", "divide advantages by the group reward std: auto (grpo yes, others no) | true | false")
     clip_low: float = option(0.2, "ε_low: the ratio is clipped below at 1 − ε_low")
@@ -83,7 +88,7 @@ class Config:
     # sampling
     group_size: int = option(8, "G, completions per prompt (≥ 2)")
     prompts_per_step: int = option(None, "prompts per step (preset: 16 toy, 32 LLM)")
-    max_new_tokens: int = option(None, "completion budget in tokens (preset: 48 toy, 1024 LLM)")
+    max_new_tokens: int = option(None, "completion budget in tokens (preset: 48 toy, 64 toy_hard, 1024 LLM)")
     temperature: float = option(1.0, "sampling temperature; log-probs use the same temperature")
     top_p: float = option(1.0, "nucleus sampling; 1.0 samples the full distribution")
     enable_thinking: bool = option(False, "Qwen3 chat template's thinking mode (graded after </think>)")
@@ -94,7 +99,7 @@ class Config:
                                          "plain (model.generate) | auto (fast on CUDA, plain on CPU)")
     compile_rollout: bool = option(True, "torch.compile + CUDA graphs for the fast engine's decode step (CUDA only)")
     # optimisation
-    num_steps: int = option(None, "RL steps, one rollout batch each (preset: 80 toy, 500 LLM)")
+    num_steps: int = option(None, "RL steps, one rollout batch each (preset: 80 toy, 200 toy_hard, 500 LLM)")
     lr: float = option(None, "peak AdamW learning rate (preset: 5e-5 toy, 1e-6 LLM; with LoRA 5e-4 toy, 1e-5 LLM)")
     warmup_steps: int = option(None, "linear learning-rate warm-up in RL steps (preset: 10); a fresh AdamW "
                                      "on a warm-started model needs it")
@@ -133,6 +138,10 @@ PRESETS = {
     "toy": dict(dataset="toy", prompts_per_step=16, max_new_tokens=48, num_steps=80, lr=5e-5, warmup_steps=10,
                 mini_batches=4, micro_batch_size=None, gradient_checkpointing=False, eval_every=20,
                 eval_benchmark="toy", eval_limit=200, save_every=20, generation_batch_size=256),
+    # toy_hard (toy.py): every carry can be lost, 2–4 digits; learning takes ~10× the toy's steps (README, "Study").
+    "toy_hard": dict(dataset="toy_hard", prompts_per_step=16, max_new_tokens=64, num_steps=200, lr=5e-5,
+                     warmup_steps=10, mini_batches=4, micro_batch_size=None, gradient_checkpointing=False,
+                     eval_every=20, eval_benchmark="toy_hard", eval_limit=200, save_every=20, generation_batch_size=256),
     "llm": dict(dataset="math", prompts_per_step=32, max_new_tokens=1024, num_steps=500, lr=1e-6, warmup_steps=10,
                 mini_batches=2, micro_batch_size=8, gradient_checkpointing=True, eval_every=50,
                 eval_benchmark="math500", eval_limit=100, save_every=50, generation_batch_size=128),
@@ -159,8 +168,12 @@ def parse_config(argv=None) -> Config:
                             nargs="?" if is_flag else None, const=True if is_flag else None,
                             help=item.metadata["help"] + ("" if item.default is None else f" (default: {item.default})"))
     config = Config(**vars(parser.parse_args(argv)))
-    kind = "toy" if config.model == "toy" else "llm"
-    preset = {**PRESETS[kind], **(LORA_PRESETS[kind] if config.lora_rank else {})}
+    # The harder built-in task has its own warm start (the same tiny model, a different flawed teacher):
+    # `--dataset toy_hard` alone selects it, as `--model toy_hard` does.
+    if config.model == "toy" and config.dataset == "toy_hard":
+        config.model = "toy_hard"
+    kind = config.model if config.model in PRESETS else "llm"
+    preset = {**PRESETS[kind], **(LORA_PRESETS["llm" if kind == "llm" else "toy"] if config.lora_rank else {})}
     for name, value in preset.items():
         if getattr(config, name) is None:
             setattr(config, name, value)
@@ -222,20 +235,20 @@ def check_config(config: Config) -> None:
     resolve_device(config.device)
     # A file that is given must be read: the toy task and the built-in toy benchmark read no file, so a
     # --data_file next to them would be silently ignored and the run would train on the toy data.
-    if config.data_file and config.dataset == "toy":
-        why = " (the preset of --model toy)" if config.model == "toy" else ""
-        raise ConfigError(f"--data_file {config.data_file} would be ignored: the training set is the built-in toy task"
+    if config.data_file and config.dataset in data.TOY_TASKS:
+        why = f" (the preset of --model {config.model})" if config.model in data.TOY_TASKS else ""
+        raise ConfigError(f"--data_file {config.data_file} would be ignored: the training set is the built-in {config.dataset} task"
                           f"{why}; name the file's layout with --dataset math|gsm8k, or pass --dataset {config.data_file}")
-    if config.eval_data_file and config.eval_benchmark in ("toy", "none"):
+    if config.eval_data_file and config.eval_benchmark in (*data.TOY_TASKS, "none"):
         raise ConfigError(f"--eval_data_file {config.eval_data_file} would be ignored: --eval_benchmark is "
                           f"{config.eval_benchmark}; name the file's benchmark, e.g. --eval_benchmark math500")
     # A training set is a built-in name, a local file or an "owner/name" Hub id (legacy bare Hub names are
     # gone); anything else is a typo or a missing file, better said now than after 30 s of Hub retries.
-    if config.dataset not in ("toy", "math", "gsm8k") and not os.path.exists(config.dataset):
+    if config.dataset not in (*data.TOY_TASKS, "math", "gsm8k") and not os.path.exists(config.dataset):
         if config.dataset.endswith((".jsonl", ".json", ".parquet")) or config.dataset.startswith((".", "/", "~")):
             raise ConfigError(f"--dataset {config.dataset}: no such file")
         if config.dataset.partition(":")[0].count("/") != 1:
-            raise ConfigError(f"--dataset {config.dataset}: not toy, math, gsm8k, a local .jsonl/.json/.parquet "
+            raise ConfigError(f"--dataset {config.dataset}: not toy, toy_hard, math, gsm8k, a local .jsonl/.json/.parquet "
                               "file or an owner/name Hub dataset id")
     check_model_name(config.model)
     for name in ("data_file", "eval_data_file"):
@@ -580,7 +593,9 @@ def train(config: Config) -> dict:
                     ref_logps = token_logprobs(reference, input_ids, attention_mask, completion_mask, config.temperature,
                                                config.micro_batch_size) if reference is not None else None
             seq_logps = lambdapo.sequence_scores(old_logps, completion_mask, config.seq_logp).view(-1, G)  # ℓ (num_prompts, G)
-            advantages = lambdapo.compute_advantages(config.algo, reward_values, seq_logps, config.tau,
+            # τ in nats, or (--relative_tau) in units of this step's ℓ spread: lambdapo.relative_tau
+            tau = lambdapo.relative_tau(seq_logps, config.tau) if config.relative_tau else config.tau
+            advantages = lambdapo.compute_advantages(config.algo, reward_values, seq_logps, tau,
                                                      scale_by_std)                                        # (B,)
             loss_mask = completion_mask.clone()                                           # (B, T)
             if config.mask_truncated:
@@ -657,7 +672,8 @@ def train(config: Config) -> dict:
                 **gap_stats,
                 **({"sampling/eager_fallbacks": engine.eager_fallbacks,
                     "sampling/compiled_shapes": len(engine.compiled_shapes)} if engine is not None else {}),
-                **lambdapo.lampo_diagnostics(reward_values, seq_logps, config.tau, advantages),   # lampo/*
+                **lambdapo.lampo_diagnostics(reward_values, seq_logps, tau, advantages),   # lampo/*
+                "lampo/tau": tau,
             }
             if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
                 metrics.update(run_eval(step))
