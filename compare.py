@@ -17,6 +17,7 @@ Per run string, over seeds (held-out accuracy = train.py's `eval/accuracy`, gree
                        training (trapezoids), which rewards learning early as well as ending high
     steps_to_threshold first evaluation step whose accuracy ≥ --threshold, per seed (None: never reached)
     wall_seconds       each run's wall time (a resumed run: the sum of its attempts)
+    diagnostics        train.py's lampo/* weight diagnostics, each the mean over steps then over seeds
 Writes summary.json, summary.md (a table to paste into a README) and curves.png (mean ± std bands).
 std is the sample standard deviation (n − 1; 0 for a single seed).
 """
@@ -94,6 +95,28 @@ def eval_curve(folder: Path) -> dict[int, float]:
     return curve
 
 
+DIAGNOSTICS = ("lampo/weight_mean", "lampo/weight_std", "lampo/misordered_pairs", "lampo/seq_logp_std",
+               "lampo/corr_rloo")
+
+
+def run_diagnostics(folder: Path) -> dict[str, float]:
+    """{name: mean over the run's training steps} of train.py's LamPO weight diagnostics (lambdapo.py).
+
+    A step without any pair of unequal rewards logs 0.0 for the pair statistics (there is nothing to weigh):
+    such steps (weight_mean exactly 0; a real weight is > 0) are left out of every mean but seq_logp_std's.
+    """
+    path = folder / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = [row for row in rows if "lampo/weight_mean" in row]
+    means = {}
+    for name in DIAGNOSTICS:
+        values = [row[name] for row in rows
+                  if name in row and (name == "lampo/seq_logp_std" or row["lampo/weight_mean"] > 0)]
+        if values:
+            means[name] = statistics.fmean(values)
+    return means
+
+
 def area_under_curve(curve: dict[int, float]) -> float | None:
     """Trapezoid area under accuracy(step) divided by the step span: the curve's mean height.
 
@@ -140,6 +163,9 @@ def summarize(statuses: list[dict], runs: list[str], seeds: list[int], threshold
         final_mean, final_std = mean_std(finals)
         auc_mean, auc_std = mean_std(aucs)
         wall_mean, _ = mean_std([s["wall_seconds"] for s in finished])
+        per_seed = [run_diagnostics(Path(s["folder"])) for s in finished]
+        diagnostics = {name: statistics.fmean(d[name] for d in per_seed if name in d)
+                       for name in DIAGNOSTICS if any(name in d for d in per_seed)}
         summary[run] = {
             "seeds": sorted(curves),
             "final_accuracy_mean": final_mean, "final_accuracy_std": final_std,
@@ -150,6 +176,7 @@ def summarize(statuses: list[dict], runs: list[str], seeds: list[int], threshold
             "threshold": threshold,
             "curve": curve_mean_std,
             "wall_seconds_mean": wall_mean,
+            "diagnostics": diagnostics,          # lampo/*: mean over steps, then over seeds
             "failed": [{"seed": s["seed"], "error": s["error"], "log": str(Path(s["folder"]) / "train.log")}
                        for s in mine if s["returncode"] != 0],
         }
@@ -168,6 +195,13 @@ def markdown(summary: dict) -> str:
         failed = f" ({len(entry['failed'])} failed)" if entry["failed"] else ""
         lines.append(f"| `{run}` | {len(entry['seeds'])}{failed} | {pm(entry['final_accuracy_mean'], entry['final_accuracy_std'])} "
                      f"| {pm(entry['auc_mean'], entry['auc_std'])} | {reached} (≥ {entry['threshold']}) | {wall} |")
+    lines += ["", "LamPO weight diagnostics (mean over steps and seeds; for the baselines, what LamPO would have weighted):",
+              "", "| run | weight mean | weight std | misordered pairs | ℓ spread | corr. with RLOO |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for run, entry in summary.items():
+        d = entry["diagnostics"]
+        cells = ["—" if name not in d else f"{d[name]:.3f}" for name in DIAGNOSTICS]
+        lines.append(f"| `{run}` | " + " | ".join(cells) + " |")
     for run, entry in summary.items():
         for failure in entry["failed"]:
             lines.append(f"\n`{run}` seed {failure['seed']} failed: {failure['error']} (see {failure['log']})")

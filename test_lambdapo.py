@@ -108,6 +108,30 @@ def test_pairwise_advantages_sum_to_zero_per_group():
     torch.testing.assert_close(advantages.sum(dim=1), torch.zeros(7), atol=1e-5, rtol=0)
 
 
+def test_relative_tau_hand_computed_and_scale_free():
+    # spread = mean of the groups' unbiased stds: (std(-1, -3) + std(-2, -2)) / 2 = (√2 + 0) / 2
+    seq_logps = torch.tensor([[-1.0, -3.0], [-2.0, -2.0]])
+    assert lambdapo.relative_tau(seq_logps, tau=2.0) == pytest.approx(2 * math.sqrt(2) / 2)
+    # one pair one spread apart, the better one scoring lower: w = 2σ(1/0.7071 · 1) by hand
+    rewards, logps = torch.tensor([[1.0, 0.0]]), torch.tensor([[-2.0, -1.0]])
+    tau = lambdapo.relative_tau(logps, tau=1.0)
+    assert tau == pytest.approx(1 / math.sqrt(2))
+    assert pairwise_advantages(rewards, logps, tau=tau)[0, 0].item() == pytest.approx(2 * sigmoid(math.sqrt(2)))
+    # scale-free: multiplying every ℓ by c (e.g. sum vs mean of equal-length completions) changes no weight,
+    # while a fixed τ does change them
+    rewards, logps = torch.rand(5, 8), torch.randn(5, 8) * 0.05
+    relative = pairwise_advantages(rewards, logps, tau=lambdapo.relative_tau(logps, 0.5))
+    for c in (40.0, 0.1):
+        torch.testing.assert_close(pairwise_advantages(rewards, c * logps, tau=lambdapo.relative_tau(c * logps, 0.5)),
+                                   relative)
+        assert not torch.allclose(pairwise_advantages(rewards, c * logps, tau=0.5), pairwise_advantages(rewards, logps, tau=0.5))
+    # no spread at all (G = 1, or every ℓ equal): the floor keeps τ > 0 and the weights at 1 (RLOO)
+    assert lambdapo.relative_tau(torch.zeros(3, 1), 1.0) == 1e-6
+    flat = torch.full((2, 4), -0.5)
+    torch.testing.assert_close(pairwise_advantages(rewards[:2, :4], flat, tau=lambdapo.relative_tau(flat, 1.0)),
+                               lambdapo.rloo_advantages(rewards[:2, :4]))
+
+
 @pytest.mark.parametrize("algo", ["lampo", "grpo", "dr_grpo", "rloo"])
 def test_equal_rewards_give_zero_advantage_not_nan(algo):
     rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
@@ -474,6 +498,97 @@ def test_toy_warm_start_is_cached_and_loadable(tmp_path, monkeypatch):
     assert model.config.vocab_size == len(tokenizer) and tokenizer.pad_token_id == tokenizer.eos_token_id
 
 
+def _carries(a: int, b: int) -> int:
+    """How many columns of a + b carry out (an independent count: digit sums, not the worked solution)."""
+    count = carry = 0
+    while a or b:
+        carry = (a % 10 + b % 10 + carry) // 10
+        count += carry
+        a, b = a // 10, b // 10
+    return count
+
+
+def test_toy_hard_teacher_loses_each_carry_and_the_verifier_sees_it():
+    # the worked solution with every carry kept is the true sum; each lost carry lowers the answer
+    import rewards
+    assert toy.worked_solution(999, 999, forget_carry=lambda column: True) == \
+        "9+9+0=18\n9+9+0=18\n9+9+0=18\n\\boxed{888}"                       # hand-computed
+    rng = random.Random(0)
+    kept = lost = 0
+    for _ in range(400):
+        a, b = rng.randint(10, 9999), rng.randint(10, 9999)
+        right = toy.worked_solution(a, b)
+        assert right == toy.worked_solution(a, b, forget_carry=lambda column: False)
+        assert rewards.accuracy_reward(right, str(a + b)) == 1.0
+        flawed = toy.teacher_solution(a, b, rng, task="toy_hard")
+        for line in flawed.splitlines()[:-1]:                           # each line is right arithmetic
+            left, total = line.split("=")
+            assert sum(map(int, left.split("+"))) == int(total)
+        correct = rewards.accuracy_reward(flawed, str(a + b)) == 1.0
+        assert correct == (flawed == right)
+        if _carries(a, b):
+            kept, lost = kept + correct, lost + (not correct)
+        else:
+            assert correct                                              # nothing to lose
+    # with p = 0.95 per carry, a problem with k ≥ 1 carries survives with 0.05^k: a few percent at most
+    assert lost > 0 and kept / (kept + lost) < 0.15
+
+
+def test_toy_hard_records_heldout_and_budget():
+    train_records, heldout = toy.train_records(2000, seed=3, task="toy_hard"), toy.heldout_records(200, task="toy_hard")
+    assert heldout == toy.heldout_records(200, task="toy_hard")
+    assert not {r["prompt"] for r in train_records} & {r["prompt"] for r in heldout}
+    for r in train_records + heldout:
+        a, b = map(int, r["prompt"][:-1].split("+"))
+        assert 2 <= len(str(a)) == len(str(b)) <= 4 and r["answer"] == str(a + b)
+        assert r["solution"] == toy.worked_solution(a, b)
+        assert len(toy.build_tokenizer()(r["solution"] + toy.EOS)["input_ids"]) <= toy.TASKS["toy_hard"].max_new_tokens
+    # the greedy warm start can only be right without a carry: that share is the starting point (≤ 30%)
+    no_carry = sum(_carries(*map(int, r["prompt"][:-1].split("+"))) == 0 for r in heldout) / len(heldout)
+    assert 0.05 < no_carry < 0.3
+    loaded = data.load_benchmark("toy_hard", limit=5)
+    assert [r["prompt"] for r in loaded] == [r["prompt"] for r in heldout[:5]] and loaded[0]["id"] == "toy_hard/0"
+    import eval as evaluation
+    assert evaluation.toy_budget("toy_hard") == 64 and evaluation.toy_budget("toy") == 48
+
+
+def test_toy_hard_warm_start_is_its_own_cache_entry(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAMBDAPO_CACHE", str(tmp_path))
+    batches = []
+    real_sft_batch = toy.sft_batch
+    monkeypatch.setattr(toy, "sft_batch", lambda tok, pairs, rng, task="toy": batches.append((pairs, task))
+                        or real_sft_batch(tok, pairs, rng, task))
+    for name, value in dict(steps=2, batch_size=4, warmup=1).items():   # a 2-step warm start of each task
+        monkeypatch.setitem(toy.WARM_START, name, value)
+        monkeypatch.setitem(toy.HARD_WARM_START, name, value)
+    hard = toy.warm_started_model_dir(task="toy_hard", log=lambda message: None)
+    easy = toy.warm_started_model_dir(log=lambda message: None)
+    assert hard != easy and hard.name.startswith("toy-hard-") and easy.name.startswith("toy-")
+    assert {task for _, task in batches} == {"toy_hard", "toy"}
+    assert all(2 <= len(str(a)) <= 4 for pairs, task in batches if task == "toy_hard" for a, _ in pairs)
+    import models
+    model, tokenizer = models.load_model("toy_hard", log=lambda message: None)   # the name loads that entry
+    assert model.config.vocab_size == len(tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([hard.name, easy.name])
+
+
+def test_train_relative_tau_is_tau_times_the_logged_spread(tiny_model_dir, tmp_path):
+    import train
+    train.main(tiny_args(tiny_model_dir, tmp_path / "run", "--relative_tau", "--tau", "0.5", "--eval_limit", "1"))
+    steps = [m for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward" in m]
+    for m in steps:
+        assert m["lampo/tau"] == pytest.approx(max(0.5 * m["lampo/seq_logp_std"], 1e-6))
+
+
+def test_train_dataset_toy_hard_selects_its_model_and_preset():
+    import train
+    config = train.parse_config(["--dataset", "toy_hard"])
+    assert config.model == "toy_hard" and config.eval_benchmark == "toy_hard"
+    assert (config.num_steps, config.max_new_tokens) == (200, 64)
+    assert train.parse_config(["--model", "toy_hard"]).dataset == "toy_hard"
+    assert train.parse_config([]).model == "toy" and train.parse_config([]).num_steps == 80   # the demo is unchanged
+
+
 # ===================================================================================================
 # 5. The training loop, end to end on CPU
 # ===================================================================================================
@@ -517,6 +632,7 @@ def test_train_runs_and_writes_everything(tiny_model_dir, tmp_path):
         assert key in steps[0], key
     assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[-1]
     assert steps[0]["lr"] == pytest.approx(1e-3)
+    assert all(m["lampo/tau"] == 1.0 for m in steps)                  # τ in nats unless --relative_tau
     # the policy moved
     from transformers import AutoModelForCausalLM
     initial = AutoModelForCausalLM.from_pretrained(out / "initial")
@@ -926,8 +1042,10 @@ def test_compare_aggregates_by_hand(tmp_path):
     for seed, accs in [(0, [0.5, 0.7, 0.9]), (1, [0.5, 0.9, 0.8])]:
         folder = tmp_path / "x" / f"seed-{seed}"
         folder.mkdir(parents=True)
-        (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": 10 * i, "eval/accuracy": a}) + "\n"
-                                                      for i, a in enumerate(accs)))
+        steps = [{"step": 10 * i, "lampo/weight_mean": w, "lampo/misordered_pairs": m, "lampo/seq_logp_std": 0.1}
+                 for i, (w, m) in enumerate([(0.9 + seed, 0.5), (0.0, 0.0), (1.1, 0.25)], start=1)]   # step 20: no pair
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in
+                                                      [{"step": 10 * i, "eval/accuracy": a} for i, a in enumerate(accs)] + steps))
     statuses = [{"run": "x", "seed": s, "folder": str(tmp_path / "x" / f"seed-{s}"), "returncode": 0,
                  "wall_seconds": 10.0 + s, "error": None} for s in (0, 1)]
     entry = compare.summarize(statuses, ["x"], [0, 1, 2], threshold=0.85)["x"]
@@ -936,6 +1054,12 @@ def test_compare_aggregates_by_hand(tmp_path):
     assert entry["steps_to_threshold"] == [20, 10, None]                          # seed 2 never ran
     assert entry["auc_mean"] == pytest.approx(((0.5 + 0.7) / 2 + (0.7 + 0.9) / 2 + (0.5 + 0.9) / 2 + (0.9 + 0.8) / 2) / 4)
     assert entry["curve"]["10"]["mean"] == pytest.approx(0.8) and entry["wall_seconds_mean"] == 10.5
+    # diagnostics: per seed the mean over steps with a reward gap (step 20 logged 0.0: left out), then over seeds
+    assert entry["diagnostics"]["lampo/weight_mean"] == pytest.approx(((0.9 + 1.1) / 2 + (1.9 + 1.1) / 2) / 2)
+    assert entry["diagnostics"]["lampo/misordered_pairs"] == pytest.approx(0.375)
+    assert entry["diagnostics"]["lampo/seq_logp_std"] == pytest.approx(0.1)
+    assert "lampo/corr_rloo" not in entry["diagnostics"]
+    assert "| `x` | 1.250 | — | 0.375 | 0.100 | — |" in compare.markdown({"x": entry})
 
 
 # ===================================================================================================
