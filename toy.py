@@ -18,6 +18,12 @@ stand-in for "a pretrained reasoning model and a verifiable task":
   perfect teacher, RL has almost nothing to fix and the demo proves little.
 - **The held-out set.** A fixed, hash-defined tenth of all (a, b) pairs is never used by the warm start
   or by RL; `heldout_records` draws the evaluation problems from it.
+- **The harder task, `toy_hard`.** Operands of 2–4 digits, and a teacher that loses *every* carry
+  independently with probability HARD_DROP_RATE (0.95). Greedy decoding of its warm start is right only
+  on carry-free problems (16% held-out); a problem with k carries is sampled right about 0.05^k of the
+  time, and the worked solution's column lines give ROUGE-L partial credit. Learning takes 100+ RL
+  steps instead of 20, and right completions are the policy's *unlikely* ones: the regime in which
+  LamPO's confidence weights could matter (README, "Study").
 - **The model.** A ~0.8M-parameter `Qwen3ForCausalLM` (the same class as the real run), a character
   tokenizer that is a real `PreTrainedTokenizerFast` with a chat template, both saved with
   `save_pretrained` and cached, so tests and the demo do not redo the warm start.
