@@ -60,8 +60,8 @@ def execute(run: str, seed: int, out_dir: Path, common: list[str]) -> dict:
     folder = run_folder(out_dir, run, seed)
     status_path = folder / "compare.json"
     previous = json.loads(status_path.read_text()) if status_path.exists() else {}
-    if previous.get("returncode") == 0:
-        return previous                                                       # finished: skip
+    if previous.get("returncode") == 0:                                       # finished: skip (its folder as
+        return {**previous, "folder": str(folder)}                            # seen from here, for the summary)
     folder.mkdir(parents=True, exist_ok=True)
     command = train_command(run, seed, folder, common)
     start = time.time()
