@@ -81,18 +81,17 @@ def execute(run: str, seed: int, out_dir: Path, common: list[str]) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Aggregation
 # ---------------------------------------------------------------------------------------------------
-def eval_curve(folder: Path) -> dict[int, float]:
-    """{step: held-out accuracy} from a run's metrics.jsonl (the last value wins for a repeated step)."""
+def metrics_rows(folder: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl ([] if it has none yet)."""
     path = folder / "metrics.jsonl"
     if not path.exists():
-        return {}
-    curve = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if "eval/accuracy" in row:
-                curve[int(row["step"])] = float(row["eval/accuracy"])
-    return curve
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def eval_curve(folder: Path) -> dict[int, float]:
+    """{step: held-out accuracy} from a run's metrics.jsonl (the last value wins for a repeated step)."""
+    return {int(row["step"]): float(row["eval/accuracy"]) for row in metrics_rows(folder) if "eval/accuracy" in row}
 
 
 DIAGNOSTICS = ("lampo/weight_mean", "lampo/weight_std", "lampo/misordered_pairs", "lampo/seq_logp_std",
@@ -105,9 +104,7 @@ def run_diagnostics(folder: Path) -> dict[str, float]:
     A step without any pair of unequal rewards logs 0.0 for the pair statistics (there is nothing to weigh):
     such steps (weight_mean exactly 0; a real weight is > 0) are left out of every mean but seq_logp_std's.
     """
-    path = folder / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    rows = [row for row in rows if "lampo/weight_mean" in row]
+    rows = [row for row in metrics_rows(folder) if "lampo/weight_mean" in row]
     means = {}
     for name in DIAGNOSTICS:
         values = [row[name] for row in rows

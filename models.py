@@ -31,6 +31,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from data import TOY_TASKS
 from rollout import FastGenerator
 
 # peft's own name for "every nn.Linear except the output head": q/k/v/o_proj of attention and
@@ -54,7 +55,7 @@ def is_local_path(name: str) -> bool:
 
 def check_model_name(name: str) -> None:
     """Fail at once (before any data or weights load) on a local model folder that does not exist."""
-    if name not in ("toy", "toy_hard") and is_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+    if name not in TOY_TASKS and is_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
         raise ModelLoadError(f"model folder not found: {name}")
 
 
@@ -85,7 +86,7 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name in ("toy", "toy_hard"):            # the tiny model warm-started on that built-in task's teacher
+    if name in TOY_TASKS:                      # the tiny model warm-started on that built-in task's teacher
         import toy
         name = str(toy.warm_started_model_dir(log=log, task=name))
     name = os.path.expanduser(name)

@@ -83,9 +83,8 @@ def worked_solution(a: int, b: int, drop_final_carry: bool = False, forget_carry
     \\boxed{122}
     """
     digits_a, digits_b = str(a)[::-1], str(b)[::-1]
-    columns = max(len(digits_a), len(digits_b))
     lines, carry, answer_digits = [], 0, []
-    for column in range(columns):
+    for column in range(max(len(digits_a), len(digits_b))):
         da = int(digits_a[column]) if column < len(digits_a) else 0
         db = int(digits_b[column]) if column < len(digits_b) else 0
         total = da + db + carry
@@ -114,7 +113,7 @@ def _random_operand(rng: random.Random, num_digits: int) -> int:
     return rng.randint(0 if num_digits == 1 else 10 ** (num_digits - 1), 10 ** num_digits - 1)
 
 
-def _sample_pairs(num: int, rng: random.Random, heldout: bool, digits: tuple[int, int] = (1, 3)) -> list[tuple[int, int]]:
+def _sample_pairs(num: int, rng: random.Random, heldout: bool, digits: tuple[int, int]) -> list[tuple[int, int]]:
     """Both operands get the same number of digits (uniform in `digits`: 1–3 for the toy). Why: with unequal
     lengths a final carry is rare (~15% of problems) and the teacher's flaw would leave RL little to
     fix; with equal lengths about 45% of problems end in a carry."""

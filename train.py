@@ -134,14 +134,15 @@ class Config:
     plot: bool = option(True, "write curves.png at the end (needs matplotlib)")
 
 
+TOY_PRESET = dict(dataset="toy", prompts_per_step=16, max_new_tokens=48, num_steps=80, lr=5e-5, warmup_steps=10,
+                  mini_batches=4, micro_batch_size=None, gradient_checkpointing=False, eval_every=20,
+                  eval_benchmark="toy", eval_limit=200, save_every=20, generation_batch_size=256)
 PRESETS = {
-    "toy": dict(dataset="toy", prompts_per_step=16, max_new_tokens=48, num_steps=80, lr=5e-5, warmup_steps=10,
-                mini_batches=4, micro_batch_size=None, gradient_checkpointing=False, eval_every=20,
-                eval_benchmark="toy", eval_limit=200, save_every=20, generation_batch_size=256),
-    # toy_hard (toy.py): every carry can be lost, 2–4 digits; learning takes ~10× the toy's steps (README, "Study").
-    "toy_hard": dict(dataset="toy_hard", prompts_per_step=16, max_new_tokens=64, num_steps=200, lr=5e-5,
-                     warmup_steps=10, mini_batches=4, micro_batch_size=None, gradient_checkpointing=False,
-                     eval_every=20, eval_benchmark="toy_hard", eval_limit=200, save_every=20, generation_batch_size=256),
+    "toy": TOY_PRESET,
+    # toy_hard (toy.py): every carry can be lost, 2–4 digits (longer solutions); learning takes ~10× the toy's
+    # steps (README, "Study"). Everything else is the toy's.
+    "toy_hard": {**TOY_PRESET, "dataset": "toy_hard", "eval_benchmark": "toy_hard", "max_new_tokens": 64,
+                 "num_steps": 200},
     "llm": dict(dataset="math", prompts_per_step=32, max_new_tokens=1024, num_steps=500, lr=1e-6, warmup_steps=10,
                 mini_batches=2, micro_batch_size=8, gradient_checkpointing=True, eval_every=50,
                 eval_benchmark="math500", eval_limit=100, save_every=50, generation_batch_size=128),
