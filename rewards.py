@@ -34,6 +34,23 @@ from functools import lru_cache
 from math_verify import parse, verify
 from rouge_score import rouge_scorer, tokenizers
 
+# Every catch-all of this file counts what it caught. A reward of 0.0 must be a verdict, never a crashed grader
+# in disguise: the tests assert that the count stays put while they grade answers wrong on purpose, and train.py
+# logs the step's count as `reward/grader_errors`.
+_errors = 0
+_errors_lock = threading.Lock()
+
+
+def grader_errors() -> int:
+    """How many exceptions the grading functions have caught (and turned into 0.0 or None) in this process."""
+    return _errors
+
+
+def _count_error() -> None:
+    global _errors
+    with _errors_lock:
+        _errors += 1
+
 # ---------------------------------------------------------------------------------------------------------------
 # Limits. They bound the time spent on one completion whatever the model writes.
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,6 +331,7 @@ def final_answer(completion: str) -> str | None:
         answers = _final_answers(strip_thinking(completion))
         return ", ".join(answers) if answers else None
     except Exception:  # total, like every public function here
+        _count_error()
         return None
 
 
@@ -641,6 +659,7 @@ def accuracy_reward(completion: str, answer: str) -> float:
     try:
         return 1.0 if _is_correct(completion, answer) else 0.0
     except Exception:  # a grader bug or a sympy failure on odd input is a wrong answer, not a crashed run
+        _count_error()
         return 0.0
 
 
@@ -687,6 +706,7 @@ def multiple_choice_reward(completion: str, letter: str) -> float:
             return 0.0
         return 1.0 if max(candidates)[1] == gold else 0.0
     except Exception:
+        _count_error()
         return 0.0
 
 
@@ -740,6 +760,7 @@ def rouge_l_reward(completion: str, reference: str) -> float:
         score = _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure  # score(target, prediction)
         return float(min(1.0, max(0.0, score)))
     except Exception:
+        _count_error()
         return 0.0
 
 

@@ -575,10 +575,12 @@ def train(config: Config) -> dict:
             # 2. REWARD: r = accuracy + α · ROUGE-L(completion, reference solution)
             # ======================================================================================
             tick = time.time()
+            grader_errors = rewards.grader_errors()
             scored = [rewards.reward(completion, batch[row // G]["answer"], batch[row // G].get("solution"),
                                      config.rouge_weight, batch[row // G].get("task", "math"))
                       for row, completion in enumerate(rollout.completions)]
             reward_values, accuracy, rouge = reward_tensors(scored, G, device)           # (num_prompts, G), (B,), (B,)
+            grader_errors = rewards.grader_errors() - grader_errors                  # completions the grader crashed on
             timings["time/reward"] = time.time() - tick
 
             # ======================================================================================
@@ -660,7 +662,7 @@ def train(config: Config) -> dict:
                 "step": step,
                 "reward": reward_values.mean().item(), "reward_std": group_std.mean().item(),
                 "frac_reward_zero_std": (group_std == 0).float().mean().item(),
-                "accuracy": accuracy.mean().item(), "rouge": rouge.mean().item(),
+                "accuracy": accuracy.mean().item(), "rouge": rouge.mean().item(), "reward/grader_errors": grader_errors,
                 "advantages/abs_mean": advantages.abs().mean().item(),
                 "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
                 "completions/max_length": lengths.max().item(),
