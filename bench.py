@@ -12,7 +12,7 @@
 What is measured (tokens are completion tokens unless named otherwise):
 - rollout/plain:  `model.generate` with sampling, every sequence forced to `max_new_tokens`.
 - rollout/static: the same with `cache_implementation="static"` (compiled decoding), on CUDA only.
-- rollout/fast:   rollout.FastGenerator (our static-cache loop; compiled and on a bf16 copy on CUDA); its
+- rollout/fast:   engine.FastGenerator (our static-cache loop; compiled and on a bf16 copy on CUDA); its
                   ratios to plain and static are printed. First-call (compile) time is reported separately.
 - logprobs:       rollout.token_logprobs without grad (the old/reference log-probs of a step).
 - update:         forward + backward + AdamW step, float32 master weights, bf16 autocast on CUDA,
@@ -24,7 +24,7 @@ What is measured (tokens are completion tokens unless named otherwise):
                   divergence; bf16 near-ties legitimately flip).
 - with --lora_rank: the policy is the frozen base (bf16 on CUDA) with float32 adapters (models.add_lora);
   rollout/plain samples through peft (adapter-aware), rollout/fast from the merged copy
-  (models.MergedLoraGenerator), and rollout/fast_adapter_aware runs our loop through peft, for comparison.
+  (engine.MergedLoraGenerator), and rollout/fast_adapter_aware runs our loop through peft, for comparison.
 One JSON object is printed on the last line of stdout; nothing is cached, every number is measured now.
 """
 
@@ -39,7 +39,8 @@ import torch
 
 import models
 import toy
-from rollout import FastGenerator, SamplingConfig, token_logprobs
+from engine import FastGenerator, MergedLoraGenerator
+from rollout import SamplingConfig, token_logprobs
 from train import enable_checkpointing
 
 QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
@@ -180,14 +181,14 @@ def main(argv=None):
         result["rollout_static_first_call_s"] = round(compile_seconds, 1)
         result["rollout_static_over_plain"] = round(result["rollout_static_tokens_per_s"] /
                                                     result["rollout_plain_tokens_per_s"], 2)
-    # --- rollout: our engine (rollout.FastGenerator), compiled + graph-captured decode step on CUDA -------------
+    # --- rollout: our engine (engine.FastGenerator), compiled + graph-captured decode step on CUDA -------------
     engine = FastGenerator(generation_model, compile=on_gpu and args.compile)   # bf16 on GPU already: no second copy
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=T)
     if args.lora_rank:            # our loop through peft itself, then (below, as `fast`) from the merged copy
         timed(lambda: engine.decode(prompts, prompt_mask, sampling, eos_ids=[-1], pad_id=0), device)
         _, seconds = timed(lambda: engine.decode(prompts, prompt_mask, sampling, eos_ids=[-1], pad_id=0), device)
         result["rollout_fast_adapter_aware_tokens_per_s"] = round(B * T / seconds, 1)
-        engine = models.MergedLoraGenerator(model, compile=on_gpu and args.compile)
+        engine = MergedLoraGenerator(model, compile=on_gpu and args.compile)
         _, seconds = timed(engine.sync, device)
         result["lora_merge_s"] = round(seconds, 4)                        # paid once per optimizer step
     _, first_seconds = timed(lambda: engine.decode(prompts, prompt_mask, sampling, eos_ids=[-1], pad_id=0), device)

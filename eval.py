@@ -29,7 +29,8 @@ from tqdm import tqdm
 import data
 import rewards
 from models import ModelLoadError, check_model_name, load_model, resolve_device
-from rollout import SamplingConfig, generate, make_engine
+from engine import make_engine
+from rollout import SamplingConfig, generate
 
 
 # ---------------------------------------------------------------------------------------------------

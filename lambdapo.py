@@ -1,7 +1,7 @@
 """LamPO: Lambda-Style Policy Optimization — the advantage and the loss, as equations in code.
 
 Paper: "LamPO / LambdaPO: Lambda-Style Policy Optimization" (arXiv 2605.21235 / 2605.19416, withdrawn,
-no public code). Our exact formulas are fixed in DESIGN.md §1; this file is pure tensor code (no model).
+no public code). Our exact formulas are fixed in docs/design.md §1; this file is pure tensor code (no model).
 
 GRPO (Shao et al. 2024, arXiv 2402.03300) gives each of the G completions of a prompt the scalar
 advantage (r_i − mean r) / std r. LamPO keeps GRPO's critic-free, PPO-clipped update and replaces that
@@ -24,6 +24,24 @@ The update is GRPO/PPO's clipped surrogate per completion token t, ρ_t = exp(lo
 aggregated over real completion tokens ("token-mean", DAPO), per sequence ("seq-mean", GRPO) or over a
 fixed budget ("fixed-length", Dr. GRPO). Shapes: rewards, seq_logps (num_prompts, G);
 logps, old_logps, ref_logps, mask (B, T) with B = num_prompts · G and groups contiguous; advantages (B,).
+
+Drop this into your GRPO trainer: where it computes (r − mean r) / std r, compute ℓ from the old log-probs it
+already has and call `pairwise_advantages`; the clipped loss is unchanged.
+
+>>> rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0]])                  # (num_prompts, G) verifier scores
+>>> old_logps = torch.tensor([[-0.9] * 3, [-0.2] * 3, [-1.1] * 3, [-0.4] * 3])    # (B, T) log π_old per token
+>>> mask = torch.ones(4, 3)                                          # (B, T) real completion tokens
+>>> seq_logps = sequence_scores(old_logps, mask).view(-1, 4)         # ℓ (num_prompts, G), no gradient
+>>> advantages = pairwise_advantages(rewards, seq_logps, tau=1.0).reshape(-1)     # (B,), instead of GRPO's
+>>> advantages      # right but unlikely (0) > right and likely (3); wrong and likely (1) < wrong and unlikely (2)
+tensor([ 0.7456, -0.8120, -0.5213,  0.5878])
+>>> logps = old_logps.clone().requires_grad_(True)                   # (B, T) log π_θ, from your forward
+>>> loss, stats = clipped_policy_loss(logps, old_logps, advantages, mask)
+>>> loss.backward()
+
+GRPO gives both right completions 0.866 and both wrong ones −0.866, whatever the policy believes. Everything
+in this file follows docs/design.md §1, except `relative_tau`, which is this project's extension (the paper's τ
+is a fixed number).
 """
 
 import torch
@@ -63,7 +81,7 @@ def confidence_weights(rewards: torch.Tensor, seq_logps: torch.Tensor, tau: floa
              [1.4621, 1.0000]]])
 
     Ties (r_i = r_j, the diagonal included) have s_ij = 0 and w_ij = 1; they carry no reward gap anyway.
-    τ = inf returns all ones (RLOO). ℓ is detached: the weights are constants of the loss (DESIGN.md §1).
+    τ = inf returns all ones (RLOO). ℓ is detached: the weights are constants of the loss (docs/design.md §1).
     """
     rewards = rewards.float().to(seq_logps.device)                        # CPU rewards meet GPU ℓ here
     if tau == float("inf"):
@@ -86,7 +104,7 @@ def pairwise_advantages(rewards: torch.Tensor, seq_logps: torch.Tensor, tau: flo
     >>> pairwise_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), torch.zeros(1, 4), tau=float("inf"))
     tensor([[ 0.6667, -0.6667, -0.6667,  0.6667]])
 
-    `scale_by_std` (off by default, DESIGN.md §1) divides each group's advantages by its reward std + 1e-6,
+    `scale_by_std` (off by default, docs/design.md §1) divides each group's advantages by its reward std + 1e-6,
     as GRPO does; a zero-std group stays at zero.
     """
     rewards = rewards.float().to(seq_logps.device)                        # (num_prompts, G), on ℓ's device
@@ -133,7 +151,8 @@ def seq_logp_spread(seq_logps: torch.Tensor) -> torch.Tensor:
 
 
 def relative_tau(seq_logps: torch.Tensor, tau: float, floor: float = 1e-6) -> float:
-    """A scale-free τ: `tau` in units of the step's ℓ spread, τ_eff = τ · seq_logp_spread(ℓ).
+    """A scale-free τ: `tau` in units of the step's ℓ spread, τ_eff = τ · seq_logp_spread(ℓ). This project's
+    extension, not the paper's (`--relative_tau`; off by default, so τ is the paper's fixed temperature).
 
     Why: the weights see only (ℓ_i − ℓ_j)/τ, and the size of an ℓ gap depends on things unrelated to
     confidence: length normalisation ("mean" gaps are ~|o| times smaller than "sum" gaps), the policy's
@@ -176,7 +195,7 @@ def compute_advantages(algo: str, rewards: torch.Tensor, seq_logps: torch.Tensor
 # The clipped policy loss
 # ---------------------------------------------------------------------------------------------------
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "token-mean") -> torch.Tensor:
-    """Reduce a (B, T) per-token quantity to a scalar over the real tokens (mask = 1), DESIGN.md §1."""
+    """Reduce a (B, T) per-token quantity to a scalar over the real tokens (mask = 1), docs/design.md §1."""
     mask = mask.to(per_token.dtype)
     if aggregation == "token-mean":                                       # DAPO: every token counts the same
         return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
@@ -331,7 +350,7 @@ def grouped_pairwise_advantages(rewards: torch.Tensor, seq_logps: torch.Tensor, 
 def lampo_diagnostics(rewards: torch.Tensor, seq_logps: torch.Tensor, tau: float = 1.0,
                       advantages: torch.Tensor | None = None, group_ids: torch.Tensor | None = None,
                       valid: torch.Tensor | None = None) -> dict[str, float]:
-    """What the confidence weights did this step, as plain floats (DESIGN.md §2):
+    """What the confidence weights did this step, as plain floats (docs/design.md §2):
 
         lampo/weight_mean, lampo/weight_std   mean and (population) std of w_ij over the pairs i < j of a
                                               group with r_i ≠ r_j (the pairs that carry a reward gap)

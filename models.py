@@ -6,14 +6,14 @@ folder and a Hub name mean the same thing everywhere and fail with the same one-
     load_model(name, device, dtype, trust_remote_code, log)  -> (model, tokenizer)    toy | folder | Hub name
     add_lora(model, rank, alpha, dropout, target_modules, seed, adapter_dir=None) -> peft.PeftModel
     save_model(path, model, tokenizer)                       a plain save_pretrained folder (LoRA merged in)
-    MergedLoraGenerator(peft_model, compile)                 the rollout engine of a LoRA policy (see below)
+    merged_copy(peft_model)                                  the plain model W + (α / r) B A (engine.py samples from it)
 
 LoRA (Hu et al. 2021, arXiv 2106.09685) through `peft`, the library TRL users already know: each targeted
 linear layer W (out × in) gets a trainable low-rank update, y = W x + (α / r) · B (A x), A (r × in) random,
 B (out × r) zero, so the wrapped model starts exactly at W. Only A and B are trained: the base weights are
 frozen in bf16 on CUDA (float32 on CPU) and need neither gradients nor AdamW state, which is what lets a
 1.7B model train on a 24 GB GPU. The adapters stay float32 (peft's `autocast_adapter_dtype`): they are the
-master weights that AdamW updates, and pure-bf16 AdamW drops small updates (DESIGN.md §5).
+master weights that AdamW updates, and pure-bf16 AdamW drops small updates (docs/design.md §5).
 
 A LoRA policy is a `peft.PeftModel`. Three things follow from that, and train.py relies on each:
 - the reference policy π_ref of the KL penalty is the same model with its adapters switched off
@@ -27,12 +27,11 @@ A LoRA policy is a `peft.PeftModel`. Three things follow from that, and train.py
 import copy
 import os
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 
 from data import TOY_TASKS
-from rollout import FastGenerator
 
 # peft's own name for "every nn.Linear except the output head": q/k/v/o_proj of attention and
 # gate/up/down_proj of the MLP on Qwen3 and Llama-style models, qkv_proj/o_proj/gate_up_proj/down_proj on
@@ -70,7 +69,7 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ModelLoadError(f"--device {name}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {name}: torch sees no CUDA GPU on this machine (use cpu)")
+        raise ModelLoadError(f"--device {name}: torch sees no CUDA GPU (use cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ModelLoadError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
     return device
@@ -203,52 +202,3 @@ def save_model(path, model, tokenizer) -> None:
     """A save_pretrained folder with its tokenizer; a LoRA model is saved merged (a plain model folder)."""
     merged_copy(model).save_pretrained(path)
     tokenizer.save_pretrained(path)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sampling from a LoRA policy
-# ---------------------------------------------------------------------------------------------------
-class MergedLoraGenerator(FastGenerator):
-    """rollout.FastGenerator for a LoRA policy: it samples from a plain copy of the model (bf16 on CUDA) whose
-    weights are W + (α / r) B A, recomputed from the current adapters by `sync()` after each optimizer step.
-
-    Why merged, not adapter-aware: through peft every targeted layer costs two extra small matmuls, a dtype
-    cast and Python dispatch per decoded token (7 layers × 28 blocks on Qwen3-1.7B), while the merge costs
-    one (out × r) @ (r × in) product per layer per *step*, and the decode step stays a plain transformers
-    model (which is what the compiled, graph-captured step is tuned for). The price is one generation copy of
-    the weights, the same copy full fine-tuning keeps on CUDA. `--rollout_engine plain` samples through peft
-    itself instead (adapter-aware `model.generate`, no copy; the CPU default).
-
-    The merged weights are written in place (`copy_`), so a compiled or graph-captured decode step keeps
-    reading the same tensors.
-    """
-
-    def __init__(self, policy, compile: bool = False, check_every: int = 16):
-        device = next(policy.parameters()).device
-        dtype = torch.bfloat16 if device.type == "cuda" else next(policy.get_base_model().parameters()).dtype
-        merged = merged_copy(policy).to(dtype).eval()
-        super().__init__(merged, compile=compile, check_every=check_every)   # low precision or CPU: used as is
-        self.model = self.policy = merged       # (whatever the base class would copy: sync() writes into this one)
-        self.lora_policy = policy
-        merged_modules = dict(merged.named_modules())
-        # (peft LoRA layer, the plain Linear of the merged copy that holds W + ΔW): module names match once
-        # peft's "base_model.model." prefix is removed.
-        self.pairs = [(layer, merged_modules[name.removeprefix("base_model.model.")])
-                      for name, layer in policy.named_modules() if hasattr(layer, "get_delta_weight")
-                      and name.removeprefix("base_model.model.") in merged_modules]
-        self.sync()
-
-    @torch.no_grad()
-    def sync(self) -> None:
-        """Merged weight = base weight + (α / r) B A of the current adapters, rounded once to the copy's dtype."""
-        for layer, target in self.pairs:
-            adapter = layer.active_adapters[0]
-            delta = layer.get_delta_weight(adapter).float()                   # (α / r) · B @ A, float32
-            target.weight.copy_(layer.get_base_layer().weight.float() + delta)
-
-
-def make_lora_engine(choice: str, policy, compile: bool = True) -> FastGenerator | None:
-    """The rollout engine of a LoRA policy: "fast" (or "auto" on CUDA) -> MergedLoraGenerator; "plain" or
-    "auto" on CPU -> None (peft's adapter-aware model.generate)."""
-    on_cuda = next(policy.parameters()).device.type == "cuda"
-    return MergedLoraGenerator(policy, compile=compile) if choice == "fast" or (choice == "auto" and on_cuda) else None

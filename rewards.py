@@ -1,7 +1,7 @@
 """Verifiable rewards: is the completion's final answer right, and how close is it to a reference solution?
 
 The reward of one completion o for a question with gold answer a and (optionally) a reference solution s is
-(DESIGN.md §1)
+(docs/design.md §1)
 
     r = accuracy(o, a) + α · ROUGE-L-F(o, s)          α = `rouge_weight`; α = 0 or no reference ⇒ accuracy only
 
@@ -68,9 +68,155 @@ GRADE_BUDGET_S = PARSE_TIMEOUT_S + VERIFY_TIMEOUT_S  # a multi-part answer: all 
 ROUGE_MAX_TOKENS = 1_000
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Where is the answer?
-# ---------------------------------------------------------------------------------------------------------------
+# ===============================================================================================================
+# The public functions (docs/design.md §2). Everything below them is how they decide: the patterns that find
+# the final answer, the equivalence check (a textual fast path, then math-verify), the ROUGE-L tokenizer.
+# ===============================================================================================================
+def reward(
+    completion: str,
+    answer: str,
+    reference: str | None = None,
+    rouge_weight: float = 0.0,
+    task: str = "math",
+) -> dict[str, float]:
+    """r = accuracy + rouge_weight · ROUGE-L-F(completion, reference) (docs/design.md §1), with its two parts.
+
+    `task` is "math" (equivalence grading) or "multiple_choice" (`answer` is a letter A-D). ROUGE is only computed
+    when there is a reference and rouge_weight > 0.
+
+    >>> reward(r"\\boxed{2}", "2", reference="so 1 + 1 = 2", rouge_weight=0.1)["reward"] > 1.0
+    True
+    """
+    if task == "math":
+        accuracy = accuracy_reward(completion, answer)
+    elif task == "multiple_choice":
+        accuracy = multiple_choice_reward(completion, answer)
+    else:  # a configuration error, not model output: fail loudly
+        raise ValueError(f"unknown task {task!r}: expected 'math' or 'multiple_choice'")
+    rouge = rouge_l_reward(completion, reference) if reference and rouge_weight > 0 else 0.0
+    return {"reward": accuracy + rouge_weight * rouge, "accuracy": accuracy, "rouge": rouge}
+
+
+
+def accuracy_reward(completion: str, answer: str) -> float:
+    """1.0 if the final answer of `completion` (after `</think>`; see `final_answer`) is mathematically equivalent
+    to `answer`, else 0.0. Never raises; bounded time per call.
+
+    >>> accuracy_reward(r"<think>hmm</think>So $x = \\boxed{\\dfrac{1}{2}}$.", "0.5")
+    1.0
+    >>> accuracy_reward(r"\\boxed{25}", "025"), accuracy_reward(r"\\boxed{24}", "025")
+    (1.0, 0.0)
+    >>> accuracy_reward(r"$\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$", "3, 2, 1")  # one answer in three boxes
+    1.0
+    >>> accuracy_reward(r"\\boxed{4} or \\boxed{3}", "3")  # a hedge: wrong, as \\boxed{3, 4} is
+    0.0
+    """
+    try:
+        return 1.0 if _is_correct(completion, answer) else 0.0
+    except Exception:  # a grader bug or a sympy failure on odd input is a wrong answer, not a crashed run
+        _count_error()
+        return 0.0
+
+
+
+def multiple_choice_reward(completion: str, letter: str) -> float:
+    """1.0 if the last letter the completion commits to (`\\boxed{X}` or `Answer: X`) equals `letter`, else 0.0.
+
+    >>> multiple_choice_reward("<think>A? no.</think> The answer is (c).", "C")
+    1.0
+    >>> multiple_choice_reward(r"Answer: B. On reflection, $\\boxed{\\text{D}}$", "B")
+    0.0
+    """
+    try:
+        gold = str(letter).strip().strip("()").upper()
+        if gold not in ("A", "B", "C", "D"):
+            return 0.0
+        text = strip_thinking(completion)
+        candidates: list[tuple[int, str]] = []  # (position, letter); the last one wins
+        boxed = _last_boxed(text)
+        if boxed is not None and _boxed_letter(boxed[1]):
+            candidates.append((boxed[0], _boxed_letter(boxed[1])))
+        for match in _ANSWER_PHRASE.finditer(text):
+            found = match.group(1)
+            # "the answer is a prime" is English, not option (a): a lower-case letter must not start a phrase.
+            if found.islower() and _FOLLOWED_BY_WORD.match(text, match.end()):
+                continue
+            candidates.append((match.start(), found.upper()))
+        if not candidates:
+            return 0.0
+        return 1.0 if max(candidates)[1] == gold else 0.0
+    except Exception:
+        _count_error()
+        return 0.0
+
+
+
+def rouge_l_reward(completion: str, reference: str) -> float:
+    """ROUGE-L F-measure in [0, 1] between the graded part of `completion` and `reference`; 0.0 on empty input.
+    Never raises. Both texts are cut at ROUGE_MAX_TOKENS tokens so the O(n·m) LCS stays cheap.
+
+    >>> rouge_l_reward("x^2 + 1", "x^2 + 1")
+    1.0
+    >>> round(rouge_l_reward("x^2 + 1", "x^2 - 1"), 3)  # LCS "x ^ 2 1": 4 of 5 tokens
+    0.8
+    """
+    try:
+        prediction = strip_thinking(completion)
+        if not isinstance(reference, str) or not prediction.strip() or not reference.strip():
+            return 0.0
+        score = _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure  # score(target, prediction)
+        return float(min(1.0, max(0.0, score)))
+    except Exception:
+        _count_error()
+        return 0.0
+
+
+
+def final_answer(completion: str) -> str | None:
+    r"""The final answer that `accuracy_reward` grades: the boxes of the final statement (several boxes joined by
+    separators are one answer), an explicit "final answer" sentence after the last box, or without any box the last
+    answer sentence. Only the text after `</think>` counts. None when the completion states no answer this way
+    (`accuracy_reward` then lets math-verify read the last FALLBACK_TAIL_CHARS characters, as it always did).
+
+    >>> final_answer(r"so $$\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}$$")
+    '(2, 2), (6, 2)'
+    >>> final_answer(r"First \boxed{200}, then more work: \boxed{255}. Final Answer: The final answer is $10,455$.")
+    '10,455'
+    >>> final_answer(r"<think>\boxed{3}?</think>x = \boxed{3}, so y = \boxed{4}.")
+    '4'
+    >>> final_answer("The final answer is $14,916$. Note: " + "a long note. " * 50)
+    '14,916'
+    """
+    try:
+        answers = _final_answers(strip_thinking(completion))
+        return ", ".join(answers) if answers else None
+    except Exception:  # total, like every public function here
+        _count_error()
+        return None
+
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`, `\\framebox{...}`, `\\boxed 5`), else None.
+
+    Nested braces are kept; a box whose braces never close is not complete and is skipped (a lone one gives None).
+
+    >>> extract_boxed(r"so $x = \\boxed{\\frac{1}{2}}$")
+    '\\\\frac{1}{2}'
+    >>> extract_boxed(r"\\boxed{1} then \\fbox{2}")
+    '2'
+    >>> extract_boxed(r"\\boxed 5$.")
+    '5'
+    >>> extract_boxed(r"\\boxed{\\frac{1}{2}") is None
+    True
+    """
+    if not isinstance(text, str):
+        return None
+    found = _last_boxed(text)
+    return None if found is None else found[1]
+
+
+
 def strip_thinking(text: str) -> str:
     """The part of a completion that is graded: the text after the last `</think>`.
 
@@ -94,6 +240,34 @@ def strip_thinking(text: str) -> str:
     return tail
 
 
+
+def score_completions(
+    completions: list[str],
+    answers: list[str],
+    references: list[str | None] | None = None,
+    rouge_weight: float = 0.0,
+    task: str = "math",
+) -> list[dict[str, float]]:
+    """`reward` for each (completion, answer, reference) triple, in order. A plain loop: grading is ~ms per
+    completion, negligible next to generation."""
+    if references is None:
+        references = [None] * len(completions)
+    if not (len(completions) == len(answers) == len(references)):
+        raise ValueError(f"lengths differ: {len(completions)} completions, {len(answers)} answers, "
+                         f"{len(references)} references")
+    return [
+        reward(completion, answer, reference, rouge_weight, task)
+        for completion, answer, reference in zip(completions, answers, references)
+    ]
+
+
+
+# ===============================================================================================================
+# Internals
+# ===============================================================================================================
+# ---------------------------------------------------------------------------------------------------------------
+# Where is the answer?
+# ---------------------------------------------------------------------------------------------------------------
 # `\boxed`, `\fbox` and `\framebox` (AoPS solutions use the last), not followed by a letter (so not `\boxedfoo`).
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox|framebox)(?![A-Za-z])")
 # The only tokens that matter for brace matching: an escaped character (`\{`, `\}`, `\\` are not grouping braces)
@@ -142,26 +316,6 @@ def _last_boxed(text: str) -> tuple[int, str] | None:
     for start, _, content in _boxes_backwards(text):
         return start, content
     return None
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`, `\\framebox{...}`, `\\boxed 5`), else None.
-
-    Nested braces are kept; a box whose braces never close is not complete and is skipped (a lone one gives None).
-
-    >>> extract_boxed(r"so $x = \\boxed{\\frac{1}{2}}$")
-    '\\\\frac{1}{2}'
-    >>> extract_boxed(r"\\boxed{1} then \\fbox{2}")
-    '2'
-    >>> extract_boxed(r"\\boxed 5$.")
-    '5'
-    >>> extract_boxed(r"\\boxed{\\frac{1}{2}") is None
-    True
-    """
-    if not isinstance(text, str):
-        return None
-    found = _last_boxed(text)
-    return None if found is None else found[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,29 +464,6 @@ def _final_answers(text: str) -> list[str] | None:
         answers.append(box_content)
         start = box_start
     return answers[::-1]
-
-
-def final_answer(completion: str) -> str | None:
-    r"""The final answer that `accuracy_reward` grades: the boxes of the final statement (several boxes joined by
-    separators are one answer), an explicit "final answer" sentence after the last box, or without any box the last
-    answer sentence. Only the text after `</think>` counts. None when the completion states no answer this way
-    (`accuracy_reward` then lets math-verify read the last FALLBACK_TAIL_CHARS characters, as it always did).
-
-    >>> final_answer(r"so $$\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}$$")
-    '(2, 2), (6, 2)'
-    >>> final_answer(r"First \boxed{200}, then more work: \boxed{255}. Final Answer: The final answer is $10,455$.")
-    '10,455'
-    >>> final_answer(r"<think>\boxed{3}?</think>x = \boxed{3}, so y = \boxed{4}.")
-    '4'
-    >>> final_answer("The final answer is $14,916$. Note: " + "a long note. " * 50)
-    '14,916'
-    """
-    try:
-        answers = _final_answers(strip_thinking(completion))
-        return ", ".join(answers) if answers else None
-    except Exception:  # total, like every public function here
-        _count_error()
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -643,26 +774,6 @@ def _is_correct(completion: str, answer: str) -> bool:
     return _symbolically_equal(gold, tail)
 
 
-def accuracy_reward(completion: str, answer: str) -> float:
-    """1.0 if the final answer of `completion` (after `</think>`; see `final_answer`) is mathematically equivalent
-    to `answer`, else 0.0. Never raises; bounded time per call.
-
-    >>> accuracy_reward(r"<think>hmm</think>So $x = \\boxed{\\dfrac{1}{2}}$.", "0.5")
-    1.0
-    >>> accuracy_reward(r"\\boxed{25}", "025"), accuracy_reward(r"\\boxed{24}", "025")
-    (1.0, 0.0)
-    >>> accuracy_reward(r"$\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$", "3, 2, 1")  # one answer in three boxes
-    1.0
-    >>> accuracy_reward(r"\\boxed{4} or \\boxed{3}", "3")  # a hedge: wrong, as \\boxed{3, 4} is
-    0.0
-    """
-    try:
-        return 1.0 if _is_correct(completion, answer) else 0.0
-    except Exception:  # a grader bug or a sympy failure on odd input is a wrong answer, not a crashed run
-        _count_error()
-        return 0.0
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Is the answer right? (multiple choice, GPQA-style A-D)
 # ---------------------------------------------------------------------------------------------------------------
@@ -677,37 +788,6 @@ def _boxed_letter(content: str) -> str | None:
     cleaned = "".join(_TEXT_WRAPPER.sub(r"\1", content).replace("$", "").split())
     match = _BOXED_LETTER.fullmatch(cleaned)
     return match.group(1).upper() if match else None
-
-
-def multiple_choice_reward(completion: str, letter: str) -> float:
-    """1.0 if the last letter the completion commits to (`\\boxed{X}` or `Answer: X`) equals `letter`, else 0.0.
-
-    >>> multiple_choice_reward("<think>A? no.</think> The answer is (c).", "C")
-    1.0
-    >>> multiple_choice_reward(r"Answer: B. On reflection, $\\boxed{\\text{D}}$", "B")
-    0.0
-    """
-    try:
-        gold = str(letter).strip().strip("()").upper()
-        if gold not in ("A", "B", "C", "D"):
-            return 0.0
-        text = strip_thinking(completion)
-        candidates: list[tuple[int, str]] = []  # (position, letter); the last one wins
-        boxed = _last_boxed(text)
-        if boxed is not None and _boxed_letter(boxed[1]):
-            candidates.append((boxed[0], _boxed_letter(boxed[1])))
-        for match in _ANSWER_PHRASE.finditer(text):
-            found = match.group(1)
-            # "the answer is a prime" is English, not option (a): a lower-case letter must not start a phrase.
-            if found.islower() and _FOLLOWED_BY_WORD.match(text, match.end()):
-                continue
-            candidates.append((match.start(), found.upper()))
-        if not candidates:
-            return 0.0
-        return 1.0 if max(candidates)[1] == gold else 0.0
-    except Exception:
-        _count_error()
-        return 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -742,71 +822,3 @@ def _rouge_scorer() -> rouge_scorer.RougeScorer:
     if _scorer is None:  # built once, on first use
         _scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_MathTokenizer())
     return _scorer
-
-
-def rouge_l_reward(completion: str, reference: str) -> float:
-    """ROUGE-L F-measure in [0, 1] between the graded part of `completion` and `reference`; 0.0 on empty input.
-    Never raises. Both texts are cut at ROUGE_MAX_TOKENS tokens so the O(n·m) LCS stays cheap.
-
-    >>> rouge_l_reward("x^2 + 1", "x^2 + 1")
-    1.0
-    >>> round(rouge_l_reward("x^2 + 1", "x^2 - 1"), 3)  # LCS "x ^ 2 1": 4 of 5 tokens
-    0.8
-    """
-    try:
-        prediction = strip_thinking(completion)
-        if not isinstance(reference, str) or not prediction.strip() or not reference.strip():
-            return 0.0
-        score = _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure  # score(target, prediction)
-        return float(min(1.0, max(0.0, score)))
-    except Exception:
-        _count_error()
-        return 0.0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The reward
-# ---------------------------------------------------------------------------------------------------------------
-def reward(
-    completion: str,
-    answer: str,
-    reference: str | None = None,
-    rouge_weight: float = 0.0,
-    task: str = "math",
-) -> dict[str, float]:
-    """r = accuracy + rouge_weight · ROUGE-L-F(completion, reference) (DESIGN.md §1), with its two parts.
-
-    `task` is "math" (equivalence grading) or "multiple_choice" (`answer` is a letter A-D). ROUGE is only computed
-    when there is a reference and rouge_weight > 0.
-
-    >>> reward(r"\\boxed{2}", "2", reference="so 1 + 1 = 2", rouge_weight=0.1)["reward"] > 1.0
-    True
-    """
-    if task == "math":
-        accuracy = accuracy_reward(completion, answer)
-    elif task == "multiple_choice":
-        accuracy = multiple_choice_reward(completion, answer)
-    else:  # a configuration error, not model output: fail loudly
-        raise ValueError(f"unknown task {task!r}: expected 'math' or 'multiple_choice'")
-    rouge = rouge_l_reward(completion, reference) if reference and rouge_weight > 0 else 0.0
-    return {"reward": accuracy + rouge_weight * rouge, "accuracy": accuracy, "rouge": rouge}
-
-
-def score_completions(
-    completions: list[str],
-    answers: list[str],
-    references: list[str | None] | None = None,
-    rouge_weight: float = 0.0,
-    task: str = "math",
-) -> list[dict[str, float]]:
-    """`reward` for each (completion, answer, reference) triple, in order. A plain loop: grading is ~ms per
-    completion, negligible next to generation."""
-    if references is None:
-        references = [None] * len(completions)
-    if not (len(completions) == len(answers) == len(references)):
-        raise ValueError(f"lengths differ: {len(completions)} completions, {len(answers)} answers, "
-                         f"{len(references)} references")
-    return [
-        reward(completion, answer, reference, rouge_weight, task)
-        for completion, answer, reference in zip(completions, answers, references)
-    ]

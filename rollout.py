@@ -20,9 +20,6 @@ Per-token log-probs (`token_logprobs`) are computed from logits divided by the s
 those are the probabilities the tokens were actually sampled with, which the PPO ratio must use.
 """
 
-import inspect
-import warnings
-from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -160,10 +157,10 @@ def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], group_size: int, sampling: SamplingConfig,
              chat_template_kwargs: dict | None = None, system_prompt: str | None = None,
-             autocast_dtype: torch.dtype | None = None, engine: "FastGenerator | None" = None) -> Rollout:
+             autocast_dtype: torch.dtype | None = None, engine=None) -> Rollout:
     """Sample `group_size` completions for each user prompt.
 
-    With `engine` (a FastGenerator) decoding runs in our own static-cache loop; without it, through
+    With `engine` (an engine.FastGenerator) decoding runs in our own static-cache loop; without it, through
     `model.generate` (the plain path: the reference, and the default on CPU).
 
     Every sampling option is passed explicitly: transformers' GenerationConfig defaults are `None` (or
@@ -226,200 +223,6 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, sampling: Sa
 
 
 # ---------------------------------------------------------------------------------------------------
-# The fast path: our own decode loop on a static KV cache (optionally compiled), a bf16 copy on GPU
-# ---------------------------------------------------------------------------------------------------
-def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
-                      greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from softmax(logits / temperature), restricted to the top_p nucleus, and its
-    log-probability under the full softmax(logits / temperature) (what token_logprobs computes). (B,), (B,)
-
-    One softmax per step serves both. No host synchronisation (no .item(), no multinomial): the exponential
-    race argmax(p / E), E ~ Exp(1), draws exactly from p and keeps the whole decode step on the device.
-    """
-    log_probs = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), dim=-1)   # (B, V)
-    if greedy:
-        token = log_probs.argmax(dim=-1)
-    else:
-        probs = log_probs.exp()
-        if top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs               # probability ranked above each token
-            sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)     # the first token always stays
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        token = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
-    return token, log_probs.gather(-1, token[:, None]).squeeze(-1)
-
-
-def _power_of_two_at_least(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _cache_argument_name(model) -> str:
-    """transformers renamed the KV-cache argument `past_key_values` to `cache` (5.2x); an unknown keyword
-    would be swallowed by **kwargs and decoding would silently run without a cache, so ask the class."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model     # through a peft wrapper
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
-class FastGenerator:
-    """Sampling with our own decode loop: prefill once, then one token per step on a static KV cache.
-
-    Why not `model.generate`: its per-step bookkeeping (logits processors, stopping criteria with a host
-    sync per token, a cache that grows) dominates small-batch decoding on a GPU. Here every decode step has
-    the same shapes (the attention mask spans the whole cache; unwritten slots are 0), so on CUDA the step
-    can be compiled and graph-captured; the host checks "have all rows ended?" only every `check_every`
-    tokens. On CUDA it samples from a bf16 copy of the policy (`sync` after each optimizer step), so the
-    float32 master weights are never cast per step. On CPU it uses the policy itself, in float32.
-
-    Shapes are bucketed so that compiling happens a few times per run, not every step. A compiled step is
-    specialised to its shapes (batch, cache length); RL prompts change width every step, and after torch's
-    recompile limit (8) dynamo would silently run the rest of the process eagerly. So, when compiling:
-      - the prompt width P is left-padded up to a power of two (≥ `min_prompt_bucket`): RoPE positions
-        come from the mask, so extra left padding changes no token;
-      - the batch is padded up to a power of two with copies of row 0, marked finished from the start;
-      - one StaticCache per (batch, cache length) bucket is kept and `reset()` between calls, so its
-        tensors keep their addresses and a captured CUDA graph stays valid. A cache is large (Qwen3-1.7B:
-        112 KiB per token, 21 GiB for 128 × 1,536), so by default only the last bucket's is kept
-        (`max_cached_shapes`); `release()` frees them all.
-    A shape beyond the compile budget, or a compiler error, decodes eagerly: warned once and counted in
-    `eager_fallbacks` (train.py logs it as `sampling/eager_fallbacks`).
-    """
-
-    def __init__(self, policy, compile: bool = False, check_every: int = 16, backend=None,
-                 min_prompt_bucket: int = 64, max_cached_shapes: int = 1):
-        import copy
-        device = next(policy.parameters()).device
-        self.policy = policy
-        already_low_precision = next(policy.parameters()).dtype != torch.float32
-        self.model = policy if device.type != "cuda" or already_low_precision else \
-            copy.deepcopy(policy).to(torch.bfloat16).eval()
-        # Compiling pays off with CUDA graphs; on CPU it is only done when a backend is named (tests count graphs).
-        self.compile = compile and (device.type == "cuda" or backend is not None)
-        self.backend = backend
-        self.check_every = check_every
-        self.min_prompt_bucket = min_prompt_bucket
-        self.max_cached_shapes = max_cached_shapes
-        self.cache_argument = _cache_argument_name(self.model)
-        self.compiled_shapes: set[tuple[int, int]] = set()    # (batch, cache length) the compiled step has seen
-        self.eager_fallbacks = 0                               # decode calls that could not use the compiled step
-        self._caches: OrderedDict[tuple[int, int], object] = OrderedDict()   # least recently used first
-        self._compiled_step = None
-        self._warned = False
-
-    @torch.no_grad()
-    def sync(self) -> None:
-        """Copy the policy's current weights into the generation copy (call after optimizer.step())."""
-        if self.model is not self.policy:
-            for target, source in zip(self.model.parameters(), self.policy.parameters()):
-                target.copy_(source)
-
-    def release(self) -> None:
-        """Free the KV caches (the next decode allocates anew, and CUDA graphs are captured anew)."""
-        self._caches.clear()
-
-    def _warn_once(self, message: str) -> None:
-        self.eager_fallbacks += 1
-        if not self._warned:
-            warnings.warn(message + " (warned once; counted in sampling/eager_fallbacks)")
-            self._warned = True
-
-    def _cache(self, batch: int, length: int):
-        """The StaticCache of this bucket, reset; created (and the oldest dropped) when new."""
-        from transformers import StaticCache
-        key = (batch, length)
-        if key in self._caches:
-            self._caches.move_to_end(key)
-            cache = self._caches[key]
-            cache.reset()                              # zeros in place: same tensors, same addresses
-            return cache
-        while len(self._caches) >= self.max_cached_shapes:
-            self._caches.popitem(last=False)
-        cache = self._caches[key] = StaticCache(config=self.model.config, max_cache_len=length)
-        return cache
-
-    def _step(self, input_ids, attention_mask, position_ids, cache):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=True, **{self.cache_argument: cache}).logits[:, -1]
-
-    def _step_for(self, shape: tuple[int, int]):
-        """The compiled step when this shape is within the compile budget, else the eager one."""
-        if not self.compile:
-            return self._step
-        limit = getattr(torch._dynamo.config, "recompile_limit", None) or \
-            getattr(torch._dynamo.config, "cache_size_limit", 8)
-        if shape not in self.compiled_shapes and len(self.compiled_shapes) >= limit:
-            self._warn_once(f"decode shape {shape} is beyond torch's recompile limit ({limit} compiled shapes): "
-                            "decoding it eagerly")
-            return self._step
-        self.compiled_shapes.add(shape)
-        if self._compiled_step is None:
-            options = dict(backend=self.backend) if self.backend is not None else dict(mode="reduce-overhead")
-            self._compiled_step = torch.compile(self._step, fullgraph=False, dynamic=False, **options)
-        return self._compiled_step
-
-    @torch.no_grad()
-    def decode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig,
-               eos_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(completion_ids (B, T), sampling_logps (B, T)) for left-padded prompts (B, P).
-
-        sampling_logps are log softmax(logits / temperature) of the chosen tokens under the generation
-        model (0 after EOS): π_sampler, which train.py compares with π_old (`sampling/logp_gap_*`, TIS).
-        """
-        B, P = prompt_ids.shape
-        T = sampling.max_new_tokens
-        device = prompt_ids.device
-        # Buckets (only when compiling: eager decoding gains nothing from padding).
-        batch = _power_of_two_at_least(B) if self.compile else B
-        width = max(_power_of_two_at_least(P), self.min_prompt_bucket) if self.compile else P
-        ids = torch.full((batch, width), pad_id, dtype=prompt_ids.dtype, device=device)        # (batch, width)
-        mask = torch.zeros((batch, width), dtype=prompt_mask.dtype, device=device)
-        ids[:B, width - P:], mask[:B, width - P:] = prompt_ids, prompt_mask      # more left padding
-        ids[B:, width - P:], mask[B:, width - P:] = prompt_ids[:1], prompt_mask[:1]   # filler rows: copies of row 0
-        length = width + T
-        cache = self._cache(batch, length)
-        step = self._step_for((batch, length))
-
-        attention_mask = torch.cat([mask, mask.new_zeros(batch, T)], dim=1)       # (batch, width + T), fixed shape
-        position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)                   # (batch, width)
-        logits = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=True, logits_to_keep=1, **{self.cache_argument: cache}).logits[:, -1]  # prefill
-        next_position = position_ids[:, -1:] + 1                                   # (batch, 1)
-        eos = torch.tensor(eos_ids, device=device)
-        tokens = torch.full((batch, T), pad_id, dtype=torch.long, device=device)
-        sampling_logps = torch.zeros(batch, T, device=device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        finished[B:] = True                                                        # filler rows never hold us up
-        for t in range(T):
-            token, token_logp = sample_next_token(logits, sampling.temperature, sampling.top_p, sampling.greedy)
-            token = torch.where(finished, torch.full_like(token, pad_id), token)    # after EOS: padding
-            tokens[:, t] = token
-            sampling_logps[:, t] = token_logp.masked_fill(finished, 0.0)
-            finished |= torch.isin(token, eos)
-            if t == T - 1 or ((t + 1) % self.check_every == 0 and bool(finished.all())):
-                return tokens[:B, : t + 1], sampling_logps[:B, : t + 1]
-            attention_mask[:, width + t] = 1
-            if step is not self._step and device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()     # the last step's graph outputs are consumed
-            try:
-                logits = step(token[:, None], attention_mask, next_position, cache)
-            except Exception as error:      # a compiler problem must not end a training run: decode eagerly
-                if step is self._step:
-                    raise
-                self._warn_once(f"compiled decoding failed ({type(error).__name__}: {str(error)[:200]}); "
-                                "decoding eagerly from now on")
-                self.compile, step = False, self._step
-                logits = step(token[:, None], attention_mask, next_position, cache)
-            next_position = next_position + 1
-        return tokens[:B], sampling_logps[:B]
-
-
-def make_engine(choice: str, model, compile: bool = True) -> FastGenerator | None:
-    """`--rollout_engine` / `--engine`: "fast", "plain" (None: model.generate), or "auto" (fast on CUDA only)."""
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    return FastGenerator(model, compile=compile) if choice == "fast" or (choice == "auto" and on_cuda) else None
-
-
-# ---------------------------------------------------------------------------------------------------
 # Per-token log-probabilities
 # ---------------------------------------------------------------------------------------------------
 def _logprobs_and_entropy(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
@@ -461,6 +264,21 @@ def _used_columns(attention_mask: torch.Tensor, completion_mask: torch.Tensor) -
     real_completion_columns = completion_mask.any(dim=0).nonzero()
     used = int(real_completion_columns.max()) + 1 if real_completion_columns.numel() else 0
     return first, used
+
+
+def plain_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """`token_logprobs` in the ten lines to copy (tested equal to it): one forward, the whole vocabulary. (B, T)
+
+    It holds (B, T, V) float32 logits at once (Qwen3: 0.6 MB per token), fine for a few sequences; an RL batch
+    wants `token_logprobs` below, which computes the same numbers in bounded memory.
+    """
+    T = completion_mask.shape[1]
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)     # left padding must not shift RoPE
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, -T - 1:-1].float() / temperature                     # the state at t − 1 predicts token t
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, -T:, None]).squeeze(-1)   # (B, T)
+    return logps * completion_mask                                          # 0 after EOS
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,

@@ -25,6 +25,7 @@ import rewards
 import lambdapo
 import rollout
 import toy
+from engine import FastGenerator, MergedLoraGenerator, sample_next_token
 from lambdapo import clipped_policy_loss, confidence_weights, grpo_advantages, pairwise_advantages
 from rewards import (accuracy_reward, extract_boxed, final_answer, multiple_choice_reward, reward, rouge_l_reward,
                      score_completions, strip_thinking)
@@ -73,7 +74,7 @@ def test_confidence_weights_hand_computed():
 
 
 def reference_pairwise(rewards: list[float], scores: list[float], tau: float) -> list[float]:
-    """DESIGN.md §1 written as plain Python loops: an independent implementation."""
+    """docs/design.md §1 written as plain Python loops: an independent implementation."""
     G = len(rewards)
     out = []
     for i in range(G):
@@ -343,6 +344,23 @@ def test_token_logprobs_match_plain_forward(tiny, monkeypatch):
     assert torch.all(entropy[r.completion_mask == 1] > 0)
 
 
+def test_plain_token_logprobs_equal_the_memory_optimised_ones(tiny):
+    model, tokenizer = tiny
+    r = sample_rollout(model, tokenizer)
+    weights = torch.randn(r.completion_mask.shape) * r.completion_mask
+    grads = []
+    for function in (rollout.plain_token_logprobs, rollout.token_logprobs):
+        model.zero_grad()
+        logps = function(model, r.input_ids, r.attention_mask, r.completion_mask, temperature=0.7)
+        (logps * weights).sum().backward()
+        grads.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
+    (plain, plain_grads), (fast, fast_grads) = grads
+    torch.testing.assert_close(plain, fast, atol=1e-5, rtol=1e-5)
+    assert torch.all(plain[r.completion_mask == 0] == 0) and torch.all(plain[r.completion_mask == 1] < 0)
+    for a, b in zip(plain_grads, fast_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_token_logprobs_gradient_matches_plain_forward(tiny):
     model, tokenizer = tiny
     r = sample_rollout(model, tokenizer, G=2)
@@ -399,7 +417,7 @@ def test_fast_engine_matches_plain_generate_under_greedy(tiny, group_size):
     prompts = ["1+2=", "345+678=", "9+9=", "12+3="]
     sampling = rollout.SamplingConfig(max_new_tokens=20, do_sample=False, batch_size=5)
     plain = rollout.generate(model, tokenizer, prompts, group_size, sampling)
-    fast = rollout.generate(model, tokenizer, prompts, group_size, sampling, engine=rollout.FastGenerator(model))
+    fast = rollout.generate(model, tokenizer, prompts, group_size, sampling, engine=FastGenerator(model))
     assert torch.equal(plain.completion_ids, fast.completion_ids)
     assert torch.equal(plain.completion_mask, fast.completion_mask) and plain.completions == fast.completions
 
@@ -410,7 +428,7 @@ def test_fast_engine_reports_the_logprobs_of_its_samples(tiny):
     prompt_ids, prompt_mask = rollout.tokenize_prompts(tokenizer, formatted)
     torch.manual_seed(0)
     sampling = rollout.SamplingConfig(max_new_tokens=10, temperature=0.8)
-    completion_ids, sampling_logps = rollout.FastGenerator(model).decode(prompt_ids, prompt_mask, sampling, [0], 0)
+    completion_ids, sampling_logps = FastGenerator(model).decode(prompt_ids, prompt_mask, sampling, [0], 0)
     mask, _ = rollout.completion_mask_from_eos(completion_ids, [0])
     with torch.no_grad():
         logps = rollout.token_logprobs(model, torch.cat([prompt_ids, completion_ids], 1),
@@ -432,11 +450,11 @@ def test_sampled_tokens_follow_temperature_and_top_p():
         mass += probs[index]
     expected = [probs[i] / mass if i in kept else 0.0 for i in range(5)]
     torch.manual_seed(0)
-    tokens, _ = rollout.sample_next_token(logits.expand(n, 5), temperature, top_p, greedy=False)
+    tokens, _ = sample_next_token(logits.expand(n, 5), temperature, top_p, greedy=False)
     empirical = torch.bincount(tokens, minlength=5).float() / n
     assert empirical.tolist() == pytest.approx(expected, abs=0.01)
     assert all(empirical[i] == 0 for i in range(5) if i not in kept)
-    assert torch.equal(rollout.sample_next_token(logits.expand(3, 5), 1.0, 1.0, greedy=True)[0], torch.zeros(3, dtype=torch.long))
+    assert torch.equal(sample_next_token(logits.expand(3, 5), 1.0, 1.0, greedy=True)[0], torch.zeros(3, dtype=torch.long))
 
 
 def test_update_with_positive_advantage_raises_logprob(tiny):
@@ -908,7 +926,7 @@ def oracle_advantages(algo, r, ell, tau, scale_by_std):
 
 
 def oracle_loss(logps, old, ref, A, mask, options, is_weights=None):
-    """The clipped surrogate + k3 KL of DESIGN.md §1 over the rows given (one whole mini-batch)."""
+    """The clipped surrogate + k3 KL of docs/design.md §1 over the rows given (one whole mini-batch)."""
     ratio = torch.exp(logps - old)
     clipped_ratio = ratio.clamp(1 - options["clip_low"], 1 + options["clip_high"])
     pg = -torch.minimum(ratio * A[:, None], clipped_ratio * A[:, None])
@@ -947,6 +965,43 @@ def eos_model_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def answers_world(tmp_path_factory):
+    """A tiny model that answers "3" to anything about half the time (25 quick SFT steps on the toy model), and
+    two problems, 1+2 (gold 3) and 2+2 (gold 4): right and wrong answers in one group, and a reward that
+    depends on which problem a completion belongs to. (model folder, training file)"""
+    path = tmp_path_factory.mktemp("answers")
+    problems = [{"problem": "1+2=", "answer": "3", "solution": "1+2=3"},
+                {"problem": "2+2=", "answer": "4", "solution": "2+2=4"}]
+    (path / "sums.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    records = data.load_train_dataset(str(path / "sums.jsonl"))
+    tokenizer = toy.build_tokenizer()
+    model = toy.build_model(tokenizer, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rng = random.Random(0)
+    for _ in range(25):
+        pairs = [(rng.choice(records)["prompt"], "3" if rng.random() < 0.5 else str(rng.randrange(10))) for _ in range(16)]
+        prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                           add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+                   for q, _ in pairs]
+        targets = [tokenizer(a + toy.EOS, add_special_tokens=False)["input_ids"] for _, a in pairs]
+        width = max(len(p) + len(t) for p, t in zip(prompts, targets))
+        ids = torch.full((16, width), tokenizer.pad_token_id)
+        attention, labels = torch.zeros(16, width, dtype=torch.long), torch.full((16, width), -100)
+        for row, (p, t) in enumerate(zip(prompts, targets)):
+            ids[row, width - len(p) - len(t):] = torch.tensor(p + t)
+            attention[row, width - len(p) - len(t):] = 1
+            labels[row, width - len(t):] = torch.tensor(t)
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels,
+                     position_ids=(attention.cumsum(-1) - 1).clamp_min(0)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(path / "model")
+    tokenizer.save_pretrained(path / "model")
+    return str(path / "model"), str(path / "sums.jsonl")
+
+
 LOOP_DEFAULTS = dict(algo="lampo", tau=1.0, relative_tau=False, seq_logp="mean", scale_by_std="auto",
                      clip_low=0.2, clip_high=0.2, beta=0.0, aggregation="token-mean", rouge_weight=1.0,
                      mask_truncated=False, tis_cap=0.0, group_size=4, prompts_per_step=2, max_new_tokens=8,
@@ -954,12 +1009,12 @@ LOOP_DEFAULTS = dict(algo="lampo", tau=1.0, relative_tau=False, seq_logp="mean",
                      max_grad_norm=1.0, epochs=1, mini_batches=2, micro_batch_size=3, seed=0)
 
 
-def run_loop_oracle(model_dir, out_dir, monkeypatch, **changes):
+def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
     """Run train.py with LOOP_DEFAULTS + changes, recompute it, assert agreement; returns what it saw."""
     import train
     from transformers import AutoModelForCausalLM
     options = {**LOOP_DEFAULTS, **changes}
-    args = ["--model", model_dir, "--out_dir", str(out_dir), "--dataset", "toy", "--eval_benchmark", "none",
+    args = ["--model", model_dir, "--out_dir", str(out_dir), "--dataset", dataset, "--eval_benchmark", "none",
             "--save_every", "0", "--plot", "false", "--gradient_checkpointing", "false"]
     for name, value in options.items():
         args += [f"--{name}", str(value)]
@@ -972,7 +1027,7 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, **changes):
     tokenizer = toy.build_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(out_dir / "initial", dtype=torch.float32).eval()
     params = [p for p in model.parameters()]
-    records = {r["prompt"]: r for r in data.load_train_dataset("toy", seed=options["seed"])}
+    records = {r["prompt"]: r for r in data.load_train_dataset(dataset, seed=options["seed"])}
     G, T_sample = options["group_size"], options["temperature"]
     scale_by_std = {"auto": None, "true": True, "false": False}[options["scale_by_std"]]
     per_step = options["epochs"] * options["mini_batches"]
@@ -990,7 +1045,7 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, **changes):
     generator = torch.Generator().manual_seed(options["seed"])              # the documented mini-batch order
     adam = None
     seen = {"advantages": [], "truncated": 0, "finished": 0, "clipped_tokens": 0.0, "norm_clipped": 0, "kl": 0.0,
-            "batches": []}
+            "batches": [], "right": 0, "wrong": 0}
     for step, (result, prompts, sampling) in enumerate(zip(spy.rollouts, spy.prompts, spy.samplings)):
         assert sampling.temperature == T_sample and sampling.top_p == 1.0 and not sampling.greedy
         optimizer_steps = spy.steps[step * per_step:(step + 1) * per_step]
@@ -1013,6 +1068,7 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, **changes):
         for row, text in enumerate(result.completions):
             record = records[prompts[row // G]]
             accuracy = rewards.accuracy_reward(text, record["answer"])
+            seen["right" if accuracy else "wrong"] += 1
             r.append(accuracy + options["rouge_weight"] * rewards.rouge_l_reward(text, record["solution"]))
         # sequence scores and advantages, group by group
         token_sums = (old * mask).sum(1)
@@ -1062,6 +1118,8 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, **changes):
         # the logged metrics are the step's
         logged = metrics[step]
         assert logged["reward"] == pytest.approx(sum(r) / len(r), abs=1e-6)
+        assert logged["accuracy"] == pytest.approx(sum(rewards.accuracy_reward(text, records[prompts[row // G]]["answer"])
+                                                       for row, text in enumerate(result.completions)) / len(r))
         assert logged["advantages/abs_mean"] == pytest.approx(A.abs().mean().item(), abs=1e-5)
         assert logged["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
         assert logged["clip_fraction"] == pytest.approx(clipped_tokens / max(tokens, 1), abs=1e-6)
@@ -1116,6 +1174,15 @@ LOOP_CASES = {
     "rloo": {"algo": "rloo", "tau": 0.3},
     "fast engine, TIS": {"rollout_engine": "fast", "tis_cap": 0.5, "beta": 0.5},
 }
+
+
+def test_training_loop_oracle_with_right_and_wrong_answers(answers_world, tmp_path, monkeypatch):
+    """The oracle where accuracy is not always 0: each completion is graded against its own prompt's answer,
+    and accuracy and ROUGE-L add up as r = accuracy + α · ROUGE-L."""
+    model_dir, problems = answers_world
+    seen = run_loop_oracle(model_dir, tmp_path / "run", monkeypatch, dataset=problems, rouge_weight=0.1)
+    assert seen["right"] > 0 and seen["wrong"] > 0
+    assert all(after > before for before, after in seen["objective"]), seen["objective"]
 
 
 @pytest.mark.parametrize("case", list(LOOP_CASES))
@@ -1257,8 +1324,8 @@ def test_compiled_engine_compiles_once_per_bucket_over_20_rollouts(tiny):
     torch._dynamo.reset()
     model, tokenizer = tiny
     counter = GraphCounter()
-    engine = rollout.FastGenerator(model, compile=True, backend=counter, max_cached_shapes=4)
-    eager = rollout.FastGenerator(model)                                   # exact shapes, no padding, no compile
+    engine = FastGenerator(model, compile=True, backend=counter, max_cached_shapes=4)
+    eager = FastGenerator(model)                                   # exact shapes, no padding, no compile
     sampling = rollout.SamplingConfig(max_new_tokens=8, do_sample=False)
     rng = random.Random(0)
     for _ in range(20):
@@ -1279,7 +1346,7 @@ def test_compiled_engine_compiles_once_per_bucket_over_20_rollouts(tiny):
 
 def test_compiled_engine_reuses_one_cache_per_bucket(tiny):
     model, tokenizer = tiny
-    engine = rollout.FastGenerator(model, compile=True, backend=GraphCounter())
+    engine = FastGenerator(model, compile=True, backend=GraphCounter())
     sampling = rollout.SamplingConfig(max_new_tokens=4, do_sample=False)
     rollout.generate(model, tokenizer, ["1+2=", "3+4="], 2, sampling, engine=engine)
     (key, cache), = engine._caches.items()
@@ -1293,7 +1360,7 @@ def test_compiled_engine_fallback_to_eager_is_visible(tiny, monkeypatch):
     torch._dynamo.reset()
     model, tokenizer = tiny
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    engine = rollout.FastGenerator(model, compile=True, backend=GraphCounter())
+    engine = FastGenerator(model, compile=True, backend=GraphCounter())
     sampling = rollout.SamplingConfig(max_new_tokens=4, do_sample=False)
     rollout.generate(model, tokenizer, ["1+2="], 2, sampling, engine=engine)            # bucket (2, 68)
     with pytest.warns(UserWarning, match="recompile limit"):
@@ -1607,7 +1674,7 @@ def test_rewards_accuracy_works_in_a_thread():
     assert results == [1.0, 1.0, 1.0, 0.0, 0.0]
 
 
-# ---- the final answer: several boxes of one statement, late answer sentences, hedges (issue 10) --------------
+# ---- the final answer: several boxes of one statement, late answer sentences, hedges --------------
 def test_rewards_final_answer_joins_the_boxes_of_one_statement():
     assert final_answer(r"$$\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}$$") == "(2, 2), (6, 2)"
     assert final_answer(r"\boxed{1},\boxed{2},\boxed{3}") == "1, 2, 3"
@@ -2069,7 +2136,7 @@ def test_lampo_diagnostics_rows_with_group_ids_match_the_grouped_form():
 
 
 # ===================================================================================================
-# 9. LoRA (models.py), evaluations that survive interruption, bad input (issue 12)
+# 9. LoRA (models.py), evaluations that survive interruption, bad input
 # ===================================================================================================
 def lora_with_moved_adapters(model, rank=4, seed=0):
     """A LoRA-wrapped copy of `model` whose B matrices are no longer zero (a trained adapter)."""
@@ -2118,10 +2185,9 @@ def test_lora_reference_is_the_base_with_adapters_off_and_merge_is_exact(tiny):
 
 
 def test_merged_lora_engine_follows_the_adapters_after_sync(tiny):
-    import models
     model, tokenizer = tiny
     policy = lora_with_moved_adapters(model)
-    engine = models.MergedLoraGenerator(policy)
+    engine = MergedLoraGenerator(policy)
     greedy = rollout.SamplingConfig(do_sample=False, max_new_tokens=10)
     prompts = ["12+34=", "7+8="]
     peft_out = rollout.generate(policy, tokenizer, prompts, 1, greedy)                # adapter-aware, through peft

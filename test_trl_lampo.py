@@ -102,7 +102,7 @@ def oracle_seq_logps(model, output, lengths, temperature, mode="mean"):
 
 
 def naive_lampo(rewards, seq_logps, tau):
-    """The formula of DESIGN.md §1 with two Python loops, for one group (lists of floats)."""
+    """The formula of docs/design.md §1 with two Python loops, for one group (lists of floats)."""
     out = []
     for i in range(len(rewards)):
         total = 0.0

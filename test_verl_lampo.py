@@ -4,7 +4,7 @@
 
 Not collected by the core `python -m pytest` (pytest.ini's testpaths); `.ci/run` runs it in its own venv.
 The estimator is exercised through verl's real `compute_advantage(data, "lampo", config=…)` on a real
-DataProto (shuffled, ragged groups, padding rows) and compared with a two-loop oracle of DESIGN.md §1;
+DataProto (shuffled, ragged groups, padding rows) and compared with a two-loop oracle of docs/design.md §1;
 the parquet files are read back by verl's own RLHFDataset with a tokenizer.
 """
 
@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ---------------------------------------------------------------------------------------------------
-# an independent oracle: DESIGN.md §1 with Python loops over uid groups
+# an independent oracle: docs/design.md §1 with Python loops over uid groups
 # ---------------------------------------------------------------------------------------------------
 def oracle(rewards, seq_logps, uids, real, tau, scale_by_std=False):
     out = [0.0] * len(rewards)

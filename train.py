@@ -40,9 +40,10 @@ import data
 import lambdapo
 import rewards
 from eval import OneLineErrorParser, evaluate, parse_bool
-from models import (ModelLoadError, adapters_disabled, add_lora, check_model_name, load_model, make_lora_engine,
+from engine import make_engine, make_lora_engine
+from models import (ModelLoadError, adapters_disabled, add_lora, check_model_name, load_model,
                     parameter_counts, parse_target_modules, resolve_device, save_model)
-from rollout import SamplingConfig, generate, make_engine, token_logprobs
+from rollout import SamplingConfig, generate, token_logprobs
 
 
 # ===================================================================================================
@@ -436,6 +437,15 @@ def micro_batch_loss(config: "Config", logps, old_logps, advantages, loss_mask, 
     return loss * scale, scale, stats
 
 
+def accumulate(totals: dict, stats: dict, scale: float, tokens: float) -> None:
+    """Add one micro-batch to the step's totals: the loss at its share of the mini-batch, the per-token stats
+    weighted by its real tokens (so a step's clip_fraction is a share of all its tokens)."""
+    totals["tokens"] += tokens
+    totals["loss"] += stats["loss"] * scale
+    for name in ("clip_fraction", "policy_kl", "kl"):
+        totals[name] += stats.get(name, 0.0) * tokens
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "a") as file:
         for row in rows:
@@ -443,9 +453,35 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 # ===================================================================================================
-# THE TRAINING LOOP
+# SETUP: everything the loop needs, built once (restored from the newest checkpoint with --resume)
 # ===================================================================================================
-def train(config: Config) -> dict:
+@dataclass
+class Setup:
+    out_dir: Path
+    device: torch.device
+    autocast_dtype: torch.dtype | None        # bf16 on CUDA (float32 master weights), None on CPU
+    records: list[dict]                       # the training set
+    eval_records: list[dict]                  # the held-out benchmark ([] for none)
+    policy: torch.nn.Module
+    tokenizer: object
+    reference: torch.nn.Module | None         # π_ref for β > 0 (with LoRA: the policy itself, adapters off)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator                # shuffles rows into mini-batches
+    engine: object                            # the fast rollout engine (engine.py), or None: model.generate
+    sampling: SamplingConfig
+    eval_sampling: SamplingConfig
+    template_kwargs: dict                     # chat-template options (Qwen3's enable_thinking)
+    start_step: int
+    run_peak_gib: float = 0.0                 # the highest per-step GPU memory peak so far
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+
+
+def setup(config: Config, log=tqdm.write) -> Setup:
+    """Check the options, prepare out_dir, load data, policy (LoRA), reference, optimizer and schedule, and the
+    rollout engine; on --resume restore the newest checkpoint's weights, optimizer, schedule and RNGs."""
     check_config(config)
     out_dir = Path(config.out_dir)
     try:
@@ -459,10 +495,7 @@ def train(config: Config) -> dict:
     # base is bf16 on CUDA (it is never updated, so float32 would buy nothing) and the adapters are float32.
     lora = config.lora_rank > 0
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if autocast_dtype else nullcontext()
-    log = tqdm.write
 
-    # --- setup: data, model, reference, optimizer, resume ---------------------------------------------
     records = data.load_train_dataset(config.dataset, data_file=config.data_file, problem_field=config.problem_field,
                                       answer_field=config.answer_field, solution_field=config.solution_field,
                                       seed=config.seed)
@@ -501,7 +534,7 @@ def train(config: Config) -> dict:
     trainable = [p for p in policy.parameters() if p.requires_grad]     # everything, or only the LoRA adapters
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config.warmup_steps))
-    generator = torch.Generator().manual_seed(config.seed)     # shuffles rows into mini-batches
+    generator = torch.Generator().manual_seed(config.seed)
     start_step = 0
     if checkpoint:
         start_step = restore_trainer_state(checkpoint, optimizer, scheduler, generator)
@@ -513,10 +546,6 @@ def train(config: Config) -> dict:
             (out_dir / name).unlink(missing_ok=True)
         save_model(out_dir / "initial", policy, tokenizer)
 
-    sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                              batch_size=config.generation_batch_size)
-    eval_sampling = SamplingConfig(do_sample=False, max_new_tokens=config.eval_max_new_tokens,
-                                   batch_size=config.generation_batch_size)
     # None: model.generate (with LoRA through peft, adapter-aware); LoRA's fast engine samples from a merged copy
     engine = (make_lora_engine if lora else make_engine)(config.rollout_engine, policy, compile=config.compile_rollout)
     params, trainable_params = parameter_counts(policy)
@@ -525,217 +554,263 @@ def train(config: Config) -> dict:
         f"{memory_estimate_gib(policy, config, reference is not None, device.type == 'cuda', engine is not None)}")
     template_kwargs = {"enable_thinking": config.enable_thinking} if "qwen3" in config.model.lower() or \
         "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "") else {}
-    scale_by_std = None if config.scale_by_std == "auto" else config.scale_by_std == "true"
-    G = config.group_size
+    return Setup(out_dir=out_dir, device=device, autocast_dtype=autocast_dtype, records=records,
+                 eval_records=eval_records, policy=policy, tokenizer=tokenizer, reference=reference,
+                 optimizer=optimizer, scheduler=scheduler, generator=generator, engine=engine,
+                 sampling=SamplingConfig(temperature=config.temperature, top_p=config.top_p,
+                                         max_new_tokens=config.max_new_tokens, batch_size=config.generation_batch_size),
+                 eval_sampling=SamplingConfig(do_sample=False, max_new_tokens=config.eval_max_new_tokens,
+                                              batch_size=config.generation_batch_size),
+                 template_kwargs=template_kwargs, start_step=start_step)
 
-    def run_eval(step: int) -> dict:
-        if not eval_records:
-            return {}
-        summary, _ = evaluate(policy, tokenizer, eval_records, 1, eval_sampling, template_kwargs, autocast_dtype,
-                              engine=engine)
-        log(f"step {step}: {config.eval_benchmark} held-out accuracy {summary['accuracy']:.3f} (n={summary['n']}, greedy)")
-        return {"eval/accuracy": summary["accuracy"], "eval/n": summary["n"],
-                "eval/mean_completion_tokens": summary["mean_completion_tokens"]}
 
-    initial_eval = run_eval(start_step) if start_step == 0 else {}
-    if initial_eval:
-        write_jsonl(out_dir / "metrics.jsonl", [{"step": 0, **initial_eval}])
+def held_out_eval(s: Setup, config: Config, step: int, log=tqdm.write) -> dict:
+    """Greedy accuracy on the held-out benchmark, as eval/* metrics ({} without a benchmark)."""
+    if not s.eval_records:
+        return {}
+    summary, _ = evaluate(s.policy, s.tokenizer, s.eval_records, 1, s.eval_sampling, s.template_kwargs,
+                          s.autocast_dtype, engine=s.engine)
+    log(f"step {step}: {config.eval_benchmark} held-out accuracy {summary['accuracy']:.3f} (n={summary['n']}, greedy)")
+    return {"eval/accuracy": summary["accuracy"], "eval/n": summary["n"],
+            "eval/mean_completion_tokens": summary["mean_completion_tokens"]}
 
-    # Ctrl-C finishes the current step (half an update is not a state worth saving), saves a checkpoint
-    # and exits; a second Ctrl-C aborts at once.
-    stop_requested = False
 
-    def request_stop(signum, frame):
-        nonlocal stop_requested
-        if stop_requested:
+class StopOnCtrlC:
+    """Ctrl-C finishes the current step (half an update is not a state worth saving); the loop then saves a
+    checkpoint and exits. A second Ctrl-C aborts at once. (Signal handlers can only be set in the main thread.)"""
+
+    def __init__(self, log=tqdm.write):
+        self.requested, self.log = False, log
+
+    def __enter__(self):
+        self.in_main_thread = threading.current_thread() is threading.main_thread()
+        if self.in_main_thread:
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
             raise KeyboardInterrupt
-        stop_requested = True
-        log("Ctrl-C: finishing this step, then saving a checkpoint (press Ctrl-C again to abort without saving)")
+        self.requested = True
+        self.log("Ctrl-C: finishing this step, then saving a checkpoint (press Ctrl-C again to abort without saving)")
 
-    in_main_thread = threading.current_thread() is threading.main_thread()     # signals only work there
-    previous_handler = signal.signal(signal.SIGINT, request_stop) if in_main_thread else None
-    step = last_saved = start_step
-    run_peak = 0                                              # bytes: the highest per-step GPU peak so far
-    progress = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps,
-                    desc=config.algo, dynamic_ncols=True)
-    try:
-        for step_index in progress:
-            step = step_index + 1                             # steps are counted from 1: checkpoint-N has N updates
-            timings = {}
-            # ======================================================================================
-            # 1. ROLLOUT: G completions per prompt from the current policy (π_old for this step)
-            # ======================================================================================
-            tick = time.time()
-            batch = prompt_batch(records, step_index, config.prompts_per_step, config.seed)
-            rollout = generate(policy, tokenizer, [r["prompt"] for r in batch], G, sampling,
-                               chat_template_kwargs=template_kwargs, autocast_dtype=autocast_dtype, engine=engine)
-            timings["time/rollout"] = time.time() - tick
+    def __exit__(self, *exception):
+        if self.in_main_thread:
+            signal.signal(signal.SIGINT, self.previous)
 
-            # ======================================================================================
-            # 2. REWARD: r = accuracy + α · ROUGE-L(completion, reference solution)
-            # ======================================================================================
-            tick = time.time()
-            grader_errors = rewards.grader_errors()
-            scored = [rewards.reward(completion, batch[row // G]["answer"], batch[row // G].get("solution"),
-                                     config.rouge_weight, batch[row // G].get("task", "math"))
-                      for row, completion in enumerate(rollout.completions)]
-            reward_values, accuracy, rouge = reward_tensors(scored, G, device)           # (num_prompts, G), (B,), (B,)
-            grader_errors = rewards.grader_errors() - grader_errors                  # completions the grader crashed on
-            timings["time/reward"] = time.time() - tick
 
-            # ======================================================================================
-            # 3. ADVANTAGE: old log-probs (fixed for the whole update), sequence scores, A_i
-            # ======================================================================================
-            tick = time.time()
-            input_ids, attention_mask = rollout.input_ids, rollout.attention_mask         # (B, P + T)
-            completion_mask = rollout.completion_mask                                     # (B, T)
-            with torch.no_grad(), autocast():
-                old_logps, entropy = token_logprobs(policy, input_ids, attention_mask, completion_mask,
-                                                    config.temperature, config.micro_batch_size, return_entropy=True)
-                with adapters_disabled(reference):                  # LoRA: π_ref is the base, adapters off
-                    ref_logps = token_logprobs(reference, input_ids, attention_mask, completion_mask, config.temperature,
-                                               config.micro_batch_size) if reference is not None else None
-            seq_logps = lambdapo.sequence_scores(old_logps, completion_mask, config.seq_logp).view(-1, G)  # ℓ (num_prompts, G)
-            # τ in nats, or (--relative_tau) in units of this step's ℓ spread: lambdapo.relative_tau
-            tau = lambdapo.relative_tau(seq_logps, config.tau) if config.relative_tau else config.tau
-            advantages = lambdapo.compute_advantages(config.algo, reward_values, seq_logps, tau,
-                                                     scale_by_std)                                        # (B,)
-            loss_mask = completion_mask.clone()                                           # (B, T)
-            if config.mask_truncated:
-                loss_mask[rollout.truncated] = 0
-            gap_stats, is_weights = sampler_gap(old_logps, rollout.sampling_logps, completion_mask, config.tis_cap)
-            timings["time/advantage"] = time.time() - tick
+def step_metrics(step: int, rollout, reward_values, accuracy, rouge, advantages, seq_logps, tau: float, entropy,
+                 totals: dict, grad_norms: list[float], learning_rate: float, s: Setup, extra: dict) -> dict:
+    """One metrics.jsonl row (TRL-style names where TRL has one)."""
+    lengths = rollout.completion_lengths.float()
+    group_std = reward_values.std(dim=1)
+    mask = rollout.completion_mask
+    tokens = max(totals["tokens"], 1.0)
+    num_updates = len(grad_norms)                              # optimizer steps actually taken
+    return {
+        "step": step,
+        "reward": reward_values.mean().item(), "reward_std": group_std.mean().item(),
+        "frac_reward_zero_std": (group_std == 0).float().mean().item(),
+        "accuracy": accuracy.mean().item(), "rouge": rouge.mean().item(),
+        "advantages/abs_mean": advantages.abs().mean().item(),
+        "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": rollout.truncated.float().mean().item(),
+        "loss": totals["loss"] / num_updates, "clip_fraction": totals["clip_fraction"] / tokens,
+        "policy_kl": totals["policy_kl"] / tokens,
+        "entropy": ((entropy * mask).sum() / mask.sum().clamp_min(1)).item(),
+        "grad_norm": sum(grad_norms) / num_updates, "lr": learning_rate, "optimizer_steps": num_updates,
+        **({"kl": totals["kl"] / tokens} if s.reference is not None else {}),
+        **({"sampling/eager_fallbacks": s.engine.eager_fallbacks,
+            "sampling/compiled_shapes": len(s.engine.compiled_shapes)} if s.engine is not None else {}),
+        **lambdapo.lampo_diagnostics(reward_values, seq_logps, tau, advantages),   # lampo/*
+        "lampo/tau": tau,
+        **extra,
+    }
 
-            # ======================================================================================
-            # 4. UPDATE: clipped surrogate, mini-batches × epochs, micro-batches normalised globally
-            # ======================================================================================
-            tick = time.time()
-            policy.train()
-            totals = {"clip_fraction": 0.0, "policy_kl": 0.0, "kl": 0.0, "loss": 0.0, "tokens": 0.0}
-            grad_norms = []
-            learning_rate = optimizer.param_groups[0]["lr"]                # the rate this step's updates use
-            B = input_ids.shape[0]
-            for _ in range(config.epochs):
-                order = torch.randperm(B, generator=generator).to(device)     # mix groups across mini-batches
-                # tensor_split gives exactly `mini_batches` pieces (chunk may give fewer: 6 rows in 4 chunks is 3)
-                for mini_batch in order.tensor_split(config.mini_batches):
-                    optimizer.zero_grad(set_to_none=True)
-                    full_mask = loss_mask[mini_batch]
-                    # Rows of similar length share micro-batches, so less padding is computed (the
-                    # gradient is a sum over rows: their order does not change it).
-                    mini_batch = mini_batch[completion_mask[mini_batch].sum(1).argsort()]
-                    for micro in mini_batch.split(config.micro_batch_size or B):
-                        with autocast():
-                            logps = token_logprobs(policy, input_ids[micro], attention_mask[micro], completion_mask[micro],
-                                                   config.temperature)
-                        scaled_loss, scale, stats = micro_batch_loss(
-                            config, logps, old_logps[micro], advantages[micro], loss_mask[micro], full_mask,
-                            ref_logps[micro] if ref_logps is not None else None,
-                            is_weights[micro] if is_weights is not None else None)
-                        if not torch.isfinite(scaled_loss):
-                            raise FloatingPointError(f"non-finite loss ({stats['loss']}) at step {step}")
-                        scaled_loss.backward()
-                        tokens = float(loss_mask[micro].sum())
-                        totals["tokens"] += tokens
-                        totals["loss"] += stats["loss"] * scale
-                        for name in ("clip_fraction", "policy_kl", "kl"):
-                            totals[name] += stats.get(name, 0.0) * tokens
-                    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-                    if not torch.isfinite(grad_norm):
-                        raise FloatingPointError(f"non-finite gradient norm at step {step}")
-                    grad_norms.append(grad_norm.item())
-                    optimizer.step()
-            scheduler.step()
-            policy.eval()
-            if engine is not None:
-                engine.sync()                                  # the next rollout samples from the new weights
-            timings["time/update"] = time.time() - tick
 
-            # ======================================================================================
-            # 5. LOG: metrics.jsonl (TRL-style names), samples.jsonl, progress bar, eval, checkpoint
-            # ======================================================================================
-            lengths = rollout.completion_lengths.float()
-            group_std = reward_values.std(dim=1)
-            tokens = max(totals["tokens"], 1.0)
-            num_updates = len(grad_norms)                              # optimizer steps actually taken
-            metrics = {
-                "step": step,
-                "reward": reward_values.mean().item(), "reward_std": group_std.mean().item(),
-                "frac_reward_zero_std": (group_std == 0).float().mean().item(),
-                "accuracy": accuracy.mean().item(), "rouge": rouge.mean().item(), "reward/grader_errors": grader_errors,
-                "advantages/abs_mean": advantages.abs().mean().item(),
-                "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
-                "completions/max_length": lengths.max().item(),
-                "completions/clipped_ratio": rollout.truncated.float().mean().item(),
-                "loss": totals["loss"] / num_updates, "clip_fraction": totals["clip_fraction"] / tokens,
-                "policy_kl": totals["policy_kl"] / tokens,
-                "entropy": ((entropy * completion_mask).sum() / completion_mask.sum().clamp_min(1)).item(),
-                "grad_norm": sum(grad_norms) / len(grad_norms), "lr": learning_rate, "optimizer_steps": num_updates,
-                **({"kl": totals["kl"] / tokens} if reference is not None else {}),
-                **gap_stats,
-                **({"sampling/eager_fallbacks": engine.eager_fallbacks,
-                    "sampling/compiled_shapes": len(engine.compiled_shapes)} if engine is not None else {}),
-                **lambdapo.lampo_diagnostics(reward_values, seq_logps, tau, advantages),   # lampo/*
-                "lampo/tau": tau,
-            }
-            if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
-                metrics.update(run_eval(step))
-            timings["time/step"] = sum(timings.values())
-            metrics.update({name: round(value, 3) for name, value in timings.items()})
-            metrics["tokens_per_second"] = lengths.sum().item() / timings["time/step"]
-            if device.type == "cuda":                     # the step's high-water mark, then a fresh one
-                step_peak = torch.cuda.max_memory_allocated(device)
-                run_peak = max(run_peak, step_peak)
-                metrics["memory/peak_gib"] = round(step_peak / 2 ** 30, 2)
-                torch.cuda.reset_peak_memory_stats(device)
-            write_jsonl(out_dir / "metrics.jsonl", [metrics])
-            write_jsonl(out_dir / "samples.jsonl", [
-                {"step": step, "prompt": batch[row // G]["prompt"], "completion": rollout.completions[row],
-                 "answer": batch[row // G]["answer"], "reward": scored[row]["reward"],
-                 "accuracy": scored[row]["accuracy"], "advantage": advantages[row].item()}
-                for row in range(0, min(config.log_samples * G, B), G)])
-            progress.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                                 clip=f"{metrics['clip_fraction']:.3f}", len=f"{metrics['completions/mean_length']:.0f}")
-            if config.save_every and step % config.save_every == 0:
-                save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, generator, config.keep_checkpoints)
-                last_saved = step
-            if stop_requested:
-                break
-    except FloatingPointError as error:      # no optimizer step ever applies a non-finite gradient
-        raise FloatingPointError(f"{error}. The weights were not updated with it; the last checkpoint is "
-                                 f"{latest_checkpoint(out_dir)} (continue with --resume, perhaps with a lower --lr)")
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous_handler)
-        progress.close()
-    if stop_requested:
-        if step > last_saved:
-            save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, generator, config.keep_checkpoints)
-        print(f"Interrupted after step {step}: saved {latest_checkpoint(out_dir)}; continue with "
-              f"python train.py --resume --out_dir {out_dir} (and the same options)", file=sys.stderr)
-        raise SystemExit(130)
+def log_step(s: Setup, config: Config, metrics: dict, timings: dict, rollout, batch, scored, advantages,
+             progress) -> None:
+    """Timings and GPU memory into the row; metrics.jsonl, samples.jsonl and the progress bar."""
+    timings["time/step"] = sum(timings.values())
+    metrics.update({name: round(value, 3) for name, value in timings.items()})
+    metrics["tokens_per_second"] = rollout.completion_lengths.sum().item() / timings["time/step"]
+    if s.device.type == "cuda":                     # the step's high-water mark, then a fresh one
+        metrics["memory/peak_gib"] = round(torch.cuda.max_memory_allocated(s.device) / 2 ** 30, 2)
+        s.run_peak_gib = max(s.run_peak_gib, metrics["memory/peak_gib"])
+        torch.cuda.reset_peak_memory_stats(s.device)
+    write_jsonl(s.out_dir / "metrics.jsonl", [metrics])
+    G = config.group_size
+    write_jsonl(s.out_dir / "samples.jsonl", [
+        {"step": metrics["step"], "prompt": batch[row // G]["prompt"], "completion": rollout.completions[row],
+         "answer": batch[row // G]["answer"], "reward": scored[row]["reward"],
+         "accuracy": scored[row]["accuracy"], "advantage": advantages[row].item()}
+        for row in range(0, min(config.log_samples * G, len(rollout.completions)), G)])
+    progress.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                         clip=f"{metrics['clip_fraction']:.3f}", len=f"{metrics['completions/mean_length']:.0f}")
 
-    # --- the end: final model, final evaluation, curves ----------------------------------------------
+
+def finish(s: Setup, config: Config, step: int, last_saved: int, initial_eval: dict, log=tqdm.write) -> dict:
+    """The end: the last checkpoint, final/, the final evaluation, curves.png and the run's summary."""
     if step > last_saved:
-        save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, generator, config.keep_checkpoints)
-    save_model(out_dir / "final", policy, tokenizer)
-    final_eval = run_eval(config.num_steps)
+        save_checkpoint(s.out_dir, step, s.policy, s.tokenizer, s.optimizer, s.scheduler, s.generator,
+                        config.keep_checkpoints)
+    save_model(s.out_dir / "final", s.policy, s.tokenizer)
+    final_eval = held_out_eval(s, config, config.num_steps, log)
     if final_eval:
-        write_jsonl(out_dir / "metrics.jsonl", [{"step": config.num_steps, **final_eval}])
+        write_jsonl(s.out_dir / "metrics.jsonl", [{"step": config.num_steps, **final_eval}])
     if config.plot:
         try:
             import plot
-            plot.plot_runs([str(out_dir)], str(out_dir / "curves.png"))
+            plot.plot_runs([str(s.out_dir)], str(s.out_dir / "curves.png"))
         except ImportError:
             log("matplotlib is not installed: no curves.png (pip install matplotlib)")
-    summary = {"out_dir": str(out_dir), "steps": config.num_steps,
+    params, trainable_params = parameter_counts(s.policy)
+    summary = {"out_dir": str(s.out_dir), "steps": config.num_steps,
                "initial_eval_accuracy": initial_eval.get("eval/accuracy"),
                "final_eval_accuracy": final_eval.get("eval/accuracy"),
                "trainable_parameters": trainable_params, "parameters": params}
-    if device.type == "cuda":     # the whole run's worst moment: every step's peak, and what came after the last
-        summary["peak_gpu_memory_gib"] = round(max(run_peak, torch.cuda.max_memory_allocated(device)) / 2 ** 30, 2)
+    if s.device.type == "cuda":     # the whole run's worst moment: every step's peak, and what came after the last
+        summary["peak_gpu_memory_gib"] = round(max(s.run_peak_gib, torch.cuda.max_memory_allocated(s.device) / 2 ** 30), 2)
     log(f"Done: {json.dumps(summary)}")
     return summary
+
+
+# ===================================================================================================
+# THE TRAINING LOOP
+# ===================================================================================================
+def train(config: Config) -> dict:
+    s = setup(config)
+    policy, optimizer, G = s.policy, s.optimizer, config.group_size
+    scale_by_std = None if config.scale_by_std == "auto" else config.scale_by_std == "true"
+    initial_eval = held_out_eval(s, config, 0) if s.start_step == 0 else {}
+    if initial_eval:
+        write_jsonl(s.out_dir / "metrics.jsonl", [{"step": 0, **initial_eval}])
+    step = last_saved = s.start_step
+    progress = tqdm(range(s.start_step, config.num_steps), initial=s.start_step, total=config.num_steps,
+                    desc=config.algo, dynamic_ncols=True)
+    try:
+        with StopOnCtrlC() as ctrl_c:
+            for step_index in progress:
+                step = step_index + 1                         # steps count from 1: checkpoint-N has N updates
+                timings = {}
+                # ==================================================================================
+                # 1. ROLLOUT: G completions per prompt from the current policy (π_old for this step)
+                # ==================================================================================
+                tick = time.time()
+                batch = prompt_batch(s.records, step_index, config.prompts_per_step, config.seed)
+                rollout = generate(policy, s.tokenizer, [r["prompt"] for r in batch], G, s.sampling,
+                                   chat_template_kwargs=s.template_kwargs, autocast_dtype=s.autocast_dtype,
+                                   engine=s.engine)
+                timings["time/rollout"] = time.time() - tick
+
+                # ==================================================================================
+                # 2. REWARD: r = accuracy + α · ROUGE-L(completion, reference solution)
+                # ==================================================================================
+                tick = time.time()
+                grader_errors = rewards.grader_errors()
+                scored = [rewards.reward(completion, batch[row // G]["answer"], batch[row // G].get("solution"),
+                                         config.rouge_weight, batch[row // G].get("task", "math"))
+                          for row, completion in enumerate(rollout.completions)]
+                reward_values, accuracy, rouge = reward_tensors(scored, G, s.device)    # (num_prompts, G), (B,), (B,)
+                grader_errors = rewards.grader_errors() - grader_errors                # completions it crashed on
+                timings["time/reward"] = time.time() - tick
+
+                # ==================================================================================
+                # 3. ADVANTAGE: old log-probs (fixed for the whole update), sequence scores ℓ, A_i.
+                #    This block is where LamPO differs from GRPO: GRPO's A_i = (r_i − mean r) / std r needs
+                #    no ℓ; LamPO weighs each pair's reward gap by 2σ(−s_ij (ℓ_i − ℓ_j) / τ). The rest of
+                #    the loop is GRPO's.
+                # ==================================================================================
+                tick = time.time()
+                input_ids, attention_mask = rollout.input_ids, rollout.attention_mask     # (B, P + T)
+                completion_mask = rollout.completion_mask                                 # (B, T)
+                with torch.no_grad(), s.autocast():
+                    old_logps, entropy = token_logprobs(policy, input_ids, attention_mask, completion_mask,
+                                                        config.temperature, config.micro_batch_size, return_entropy=True)
+                    with adapters_disabled(s.reference):              # LoRA: π_ref is the base, adapters off
+                        ref_logps = None if s.reference is None else token_logprobs(
+                            s.reference, input_ids, attention_mask, completion_mask, config.temperature,
+                            config.micro_batch_size)
+                seq_logps = lambdapo.sequence_scores(old_logps, completion_mask, config.seq_logp).view(-1, G)  # ℓ (num_prompts, G)
+                tau = lambdapo.relative_tau(seq_logps, config.tau) if config.relative_tau else config.tau
+                advantages = lambdapo.compute_advantages(config.algo, reward_values, seq_logps, tau,
+                                                         scale_by_std)                                    # (B,)
+                loss_mask = completion_mask.clone()                                       # (B, T)
+                if config.mask_truncated:
+                    loss_mask[rollout.truncated] = 0
+                gap_stats, is_weights = sampler_gap(old_logps, rollout.sampling_logps, completion_mask, config.tis_cap)
+                timings["time/advantage"] = time.time() - tick
+
+                # ==================================================================================
+                # 4. UPDATE: clipped surrogate, mini-batches × epochs, micro-batches normalised globally
+                # ==================================================================================
+                tick = time.time()
+                policy.train()
+                totals = {"clip_fraction": 0.0, "policy_kl": 0.0, "kl": 0.0, "loss": 0.0, "tokens": 0.0}
+                grad_norms = []
+                learning_rate = optimizer.param_groups[0]["lr"]            # the rate this step's updates use
+                B = input_ids.shape[0]
+                for _ in range(config.epochs):
+                    order = torch.randperm(B, generator=s.generator).to(s.device)   # mix groups across mini-batches
+                    # tensor_split gives exactly `mini_batches` pieces (chunk may give fewer: 6 rows in 4 is 3)
+                    for mini_batch in order.tensor_split(config.mini_batches):
+                        optimizer.zero_grad(set_to_none=True)
+                        full_mask = loss_mask[mini_batch]
+                        # Rows of similar length share micro-batches, so less padding is computed (the
+                        # gradient is a sum over rows: their order does not change it).
+                        mini_batch = mini_batch[completion_mask[mini_batch].sum(1).argsort()]
+                        for micro in mini_batch.split(config.micro_batch_size or B):
+                            with s.autocast():
+                                logps = token_logprobs(policy, input_ids[micro], attention_mask[micro],
+                                                       completion_mask[micro], config.temperature)
+                            scaled_loss, scale, stats = micro_batch_loss(
+                                config, logps, old_logps[micro], advantages[micro], loss_mask[micro], full_mask,
+                                ref_logps[micro] if ref_logps is not None else None,
+                                is_weights[micro] if is_weights is not None else None)
+                            if not torch.isfinite(scaled_loss):
+                                raise FloatingPointError(f"non-finite loss ({stats['loss']}) at step {step}")
+                            scaled_loss.backward()
+                            accumulate(totals, stats, scale, float(loss_mask[micro].sum()))
+                        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                        if not torch.isfinite(grad_norm):
+                            raise FloatingPointError(f"non-finite gradient norm at step {step}")
+                        grad_norms.append(grad_norm.item())
+                        optimizer.step()
+                s.scheduler.step()
+                policy.eval()
+                if s.engine is not None:
+                    s.engine.sync()                            # the next rollout samples from the new weights
+                timings["time/update"] = time.time() - tick
+
+                # ==================================================================================
+                # 5. LOG: metrics.jsonl, samples.jsonl, progress bar; evaluation and checkpoint every N
+                # ==================================================================================
+                metrics = step_metrics(step, rollout, reward_values, accuracy, rouge, advantages, seq_logps, tau,
+                                       entropy, totals, grad_norms, learning_rate, s,
+                                       {"reward/grader_errors": grader_errors, **gap_stats})
+                if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
+                    metrics.update(held_out_eval(s, config, step))
+                log_step(s, config, metrics, timings, rollout, batch, scored, advantages, progress)
+                if config.save_every and step % config.save_every == 0:
+                    save_checkpoint(s.out_dir, step, policy, s.tokenizer, optimizer, s.scheduler, s.generator,
+                                    config.keep_checkpoints)
+                    last_saved = step
+                if ctrl_c.requested:
+                    break
+    except FloatingPointError as error:      # no optimizer step ever applies a non-finite gradient
+        raise FloatingPointError(f"{error}. The weights were not updated with it; the last checkpoint is "
+                                 f"{latest_checkpoint(s.out_dir)} (continue with --resume, perhaps with a lower --lr)")
+    finally:
+        progress.close()
+    if ctrl_c.requested:
+        if step > last_saved:
+            save_checkpoint(s.out_dir, step, policy, s.tokenizer, optimizer, s.scheduler, s.generator,
+                            config.keep_checkpoints)
+        print(f"Interrupted after step {step}: saved {latest_checkpoint(s.out_dir)}; continue with "
+              f"python train.py --resume --out_dir {s.out_dir} (and the same options)", file=sys.stderr)
+        raise SystemExit(130)
+    return finish(s, config, step, last_saved, initial_eval)
 
 
 def main(argv=None):

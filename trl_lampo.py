@@ -2,9 +2,9 @@
 
     accelerate launch trl_lampo.py --model_name_or_path Qwen/Qwen3-1.7B --dataset math --output_dir runs/trl
     python trl_lampo.py --help                      # every option: ours, GRPOConfig's and ModelConfig's
-    python trl_lampo.py bench --shape qwen3-1.7b --tokenizer ../shared/tokenizers/qwen3   # one timed step (GPU)
+    python trl_lampo.py bench --shape qwen3-1.7b --tokenizer PATH/TO/qwen3-tokenizer   # one timed step (GPU)
 
-LamPO ("Lambda-Style Policy Optimization", arXiv 2605.21235; lambdapo.py has the equations, DESIGN.md §1 the
+LamPO ("Lambda-Style Policy Optimization", arXiv 2605.21235; lambdapo.py has the equations, docs/design.md §1 the
 contract) keeps GRPO's clipped, critic-free update and replaces the group baseline by the Pairwise Decomposed
 Advantage:
 
@@ -59,7 +59,7 @@ Defined behaviour of the corner cases (never a NaN):
   (they are still evidence that other completions did better or worse, as for TRL's GRPO and
   train.py's `--mask_truncated`); ℓ is computed over their real tokens; TRL masks them out of the loss.
 - Evaluation with `num_generations_eval` (G may be 1): groups of that size; a group of one gets A = 0.
-- `scale_rewards`: "none" by default (LamPO's advantage is not divided by a std, DESIGN.md §1);
+- `scale_rewards`: "none" by default (LamPO's advantage is not divided by a std, docs/design.md §1);
   "group" divides each group's advantages by its reward std + 1e-6 (`pairwise_advantages(scale_by_std=True)`);
   "batch" is refused.
 Logged each generation batch: lampo/weight_mean, lampo/weight_std, lampo/misordered_pairs,
@@ -121,7 +121,7 @@ MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attent
 @dataclass
 class LamPOConfig(GRPOConfig):
     """`GRPOConfig` plus LamPO's options. Every GRPOConfig option keeps its meaning; `scale_rewards`
-    defaults to "none" here because LamPO's advantage is not divided by a std (DESIGN.md §1)."""
+    defaults to "none" here because LamPO's advantage is not divided by a std (docs/design.md §1)."""
 
     lampo_tau: float = field(default=1.0, metadata={
         "help": "LamPO temperature τ of the confidence weights w_ij = 2σ(−sign(r_i − r_j)(ℓ_i − ℓ_j)/τ). Small τ: "
@@ -397,7 +397,7 @@ def bench(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="trl_lampo.py bench", description=bench.__doc__)
     parser.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-1.7b"],
                         help="tiny (toy.py's model, CPU seconds) or Qwen3-1.7B's exact config (bench.QWEN3_1_7B)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (e.g. ../shared/tokenizers/qwen3); "
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (e.g. a local copy of the Qwen3 tokenizer); "
                         "default: toy.py's character tokenizer")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--num_generations", type=int, default=8, help="G")

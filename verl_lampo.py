@@ -4,7 +4,7 @@
         +algorithm.lampo_tau=1.0 reward.custom_reward_function.path=pkg://verl_lampo ...   (README: full command)
     python verl_lampo.py prepare --dataset math --out DIR   # train.parquet (MATH train), test.parquet (MATH-500)
 
-LamPO ("Lambda-Style Policy Optimization", arXiv 2605.21235; lambdapo.py has the equations, DESIGN.md §1 the
+LamPO ("Lambda-Style Policy Optimization", arXiv 2605.21235; lambdapo.py has the equations, docs/design.md §1 the
 contract) keeps the clipped, critic-free update and replaces GRPO's group baseline by the Pairwise
 Decomposed Advantage
 
