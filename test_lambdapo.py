@@ -945,7 +945,8 @@ def oracle_loss(logps, old, ref, A, mask, options, is_weights=None):
         loss = (per_token * m).sum() / (m.shape[0] * m.shape[1])
     clipped = ((clipped_ratio * A[:, None]) < (ratio * A[:, None])).float() * m
     kl = (torch.exp(ref - logps) - (ref - logps) - 1) * m if ref is not None else None
-    return loss, clipped.sum().item(), (kl.sum().item() if kl is not None else 0.0)
+    policy_kl = ((torch.exp(old - logps) - (old - logps) - 1) * m).sum().item()      # k3 of π_θ from π_old
+    return loss, clipped.sum().item(), (kl.sum().item() if kl is not None else 0.0), policy_kl
 
 
 @pytest.fixture(scope="module")
@@ -1087,19 +1088,20 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
         if options["tis_cap"]:
             is_weights = torch.exp(old - result.sampling_logps).clamp(max=options["tis_cap"]) * mask
         # the optimizer steps of this RL step
-        losses, clipped_tokens, kl_sum, tokens = [], 0.0, 0.0, 0.0
+        losses, norms, clipped_tokens, kl_sum, policy_kl_sum, tokens = [], [], 0.0, 0.0, 0.0, 0.0
         orders = [torch.randperm(len(r), generator=generator) for _ in range(options["epochs"])]
         mini_batches = [rows for order in orders for rows in order.tensor_split(options["mini_batches"])]
         for observed, rows in zip(optimizer_steps, mini_batches):
             logps = forward(observed["weights"], ids[rows], attention[rows], completion_ids[rows])
             model.zero_grad()
-            loss, clipped, kl = oracle_loss(logps, old[rows], ref[rows], A[rows], loss_mask[rows], options,
-                                            None if is_weights is None else is_weights[rows])
+            loss, clipped, kl, policy_kl = oracle_loss(logps, old[rows], ref[rows], A[rows], loss_mask[rows], options,
+                                                       None if is_weights is None else is_weights[rows])
             loss.backward()
             grads = [p.grad.clone() for p in params]
             norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
             grads = [g * min(1.0, options["max_grad_norm"] / (norm.item() + 1e-6)) for g in grads]
             seen["norm_clipped"] += int(norm.item() > options["max_grad_norm"])
+            norms.append(norm.item())
             expected, got = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in observed["grads"]])
             assert expected.norm() > 0, "a vacuous case: the oracle's gradient is zero"
             error = ((got - expected).norm() / expected.norm()).item()
@@ -1107,6 +1109,7 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
             losses.append(loss.item())
             clipped_tokens += clipped
             kl_sum += kl
+            policy_kl_sum += policy_kl
             tokens += float(loss_mask[rows].sum())
         seen["clipped_tokens"] += clipped_tokens
         seen["kl"] += kl_sum
@@ -1129,6 +1132,17 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
         assert logged["lampo/tau"] == pytest.approx(tau, rel=1e-5)
         if options["beta"] > 0:
             assert logged["kl"] == pytest.approx(kl_sum / max(tokens, 1), abs=1e-6)
+        assert logged["policy_kl"] == pytest.approx(policy_kl_sum / max(tokens, 1), rel=1e-5, abs=1e-6)
+        assert logged["grad_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-4)     # before clipping
+        # entropy of softmax(logits / T) under π_old, over the real completion tokens
+        with torch.no_grad():
+            forward(optimizer_steps[0]["weights"], ids, attention, completion_ids)
+            positions = (attention.cumsum(-1) - 1).clamp_min(0)
+            logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+            logp_all = torch.log_softmax(logits[:, -completion_ids.shape[1] - 1:-1].float() / T_sample, dim=-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        assert logged["entropy"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-4)
+        assert logged["completions/mean_length"] == pytest.approx(mask.sum(1).float().mean().item())
     # AdamW, fed the (now verified) gradients, reproduces every step's weights and final/
     weights = [w.clone().requires_grad_(True) for w in spy.steps[0]["weights"]]
     adam = torch.optim.AdamW(weights, lr=options["lr"], weight_decay=options["weight_decay"])
@@ -2382,17 +2396,25 @@ def test_bench_measures_lora(capsys):
 
 
 @pytest.mark.slow
-def test_lora_demo_learns(tmp_path):
-    """README, "LoRA": the offline demo with --lora_rank 16 at the LoRA preset's rate (5e-4) learns.
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_demo_learns_whatever_the_thread_count(tmp_path, threads):
+    """`python train.py` as a newcomer runs it, warm start included (built in this thread count, in a cache of
+    its own): at least 25 held-out points gained (docs/demo.md). About 4 minutes with 2 threads, 6 with 1."""
+    import subprocess
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "LAMBDAPO_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "demo"
+    subprocess.run([sys.executable, "train.py", "--out_dir", str(out), "--plot", "false"], check=True, env=env,
+                   cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)
+    evals = [m["eval/accuracy"] for m in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in m]
+    assert evals[-1] - evals[0] >= 0.25, evals
 
-    Issue 12 asked for 20 points. Where the warm start is the README's (0.530 at step 0) that is the bar;
-    on a CPU whose warm start is weaker (0.495), full fine-tuning itself gains 14 and LoRA 13.5–18.5
-    (3 seeds), so the bar here is what both clear on every seed measured: 10 points.
-    """
+
+@pytest.mark.slow
+def test_lora_demo_learns(tmp_path):
+    """docs/lora.md: the offline demo with --lora_rank 16 at the LoRA preset's rate (5e-4) gains 20 points."""
     import train
     summary = train.main(["--lora_rank", "16", "--out_dir", str(tmp_path / "demo"), "--plot", "false"])
-    gain = summary["final_eval_accuracy"] - summary["initial_eval_accuracy"]
-    assert gain >= (0.20 if summary["initial_eval_accuracy"] >= 0.52 else 0.10)
+    assert summary["final_eval_accuracy"] - summary["initial_eval_accuracy"] >= 0.20
 
 
 def test_plot_draws_the_lampo_diagnostics(tmp_path):

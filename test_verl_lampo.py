@@ -284,12 +284,12 @@ def test_prepare_usage_message():
 
 
 # ---------------------------------------------------------------------------------------------------
-# the README's 8-GPU command: composed by verl's own hydra config and accepted by verl's validate_config
+# docs/verl.md's 8-GPU command: composed by verl's own hydra config and accepted by verl's validate_config
 # ---------------------------------------------------------------------------------------------------
 def readme_verl_command():
     import re
     import shlex
-    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    text = open(os.path.join(HERE, "docs", "verl.md"), encoding="utf-8").read()
     block = re.search(r"python -m verl\.trainer\.main_ppo \\\n(.*?)\n```", text, re.DOTALL).group(1)
     return shlex.split(block.replace("\\\n", " ").replace("$HOME", "/home/user"))
 

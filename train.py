@@ -141,7 +141,7 @@ TOY_PRESET = dict(dataset="toy", prompts_per_step=16, max_new_tokens=48, num_ste
 PRESETS = {
     "toy": TOY_PRESET,
     # toy_hard (toy.py): every carry can be lost, 2–4 digits (longer solutions); learning takes ~10× the toy's
-    # steps (README, "Study"). Everything else is the toy's.
+    # steps (docs/study.md). Everything else is the toy's.
     "toy_hard": {**TOY_PRESET, "dataset": "toy_hard", "eval_benchmark": "toy_hard", "max_new_tokens": 64,
                  "num_steps": 200},
     "llm": dict(dataset="math", prompts_per_step=32, max_new_tokens=1024, num_steps=500, lr=1e-6, warmup_steps=10,
@@ -149,7 +149,7 @@ PRESETS = {
                 eval_benchmark="math500", eval_limit=100, save_every=50, generation_batch_size=128),
 }
 # What changes with --lora_rank > 0. The learning rate: a rank-r update moves far fewer directions than full
-# fine-tuning, and the usual LoRA rate is about 10× the full one (tuned on the toy task: README, "LoRA").
+# fine-tuning, and the usual LoRA rate is about 10× the full one (tuned on the toy task: docs/lora.md).
 # On a real model LoRA is the one-consumer-GPU path, so the generation batch shrinks too: the KV cache of
 # 128 sequences × (1024 + 512) tokens is 21 GiB on Qwen3-1.7B, of 64 sequences 10.5 GiB.
 LORA_PRESETS = {

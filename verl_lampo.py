@@ -1,7 +1,7 @@
 """LamPO inside verl (Ray, FSDP/Megatron, vLLM/SGLang): an advantage estimator, a reward function, data.
 
     VERL_USE_EXTERNAL_MODULES=verl_lampo python -m verl.trainer.main_ppo algorithm.adv_estimator=lampo \\
-        +algorithm.lampo_tau=1.0 reward.custom_reward_function.path=pkg://verl_lampo ...   (README: full command)
+        +algorithm.lampo_tau=1.0 reward.custom_reward_function.path=pkg://verl_lampo ...   (docs/verl.md: full command)
     python verl_lampo.py prepare --dataset math --out DIR   # train.parquet (MATH train), test.parquet (MATH-500)
 
 LamPO ("Lambda-Style Policy Optimization", arXiv 2605.21235; lambdapo.py has the equations, docs/design.md §1 the
@@ -263,5 +263,5 @@ if __name__ == "__main__":
     else:
         print(__doc__.split("\n\n")[0] + "\n\nUsage: python verl_lampo.py prepare --dataset math --out DIR "
               "[--data_file F] [--val_benchmark math500] [--val_data_file F]\n(the estimator is registered by "
-              "importing this module: see README, 'LamPO in verl')", file=sys.stderr)
+              "importing this module: see docs/verl.md)", file=sys.stderr)
         sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
