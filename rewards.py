@@ -97,7 +97,6 @@ def reward(
     return {"reward": accuracy + rouge_weight * rouge, "accuracy": accuracy, "rouge": rouge}
 
 
-
 def accuracy_reward(completion: str, answer: str) -> float:
     """1.0 if the final answer of `completion` (after `</think>`; see `final_answer`) is mathematically equivalent
     to `answer`, else 0.0. Never raises; bounded time per call.
@@ -116,7 +115,6 @@ def accuracy_reward(completion: str, answer: str) -> float:
     except Exception:  # a grader bug or a sympy failure on odd input is a wrong answer, not a crashed run
         _count_error()
         return 0.0
-
 
 
 def multiple_choice_reward(completion: str, letter: str) -> float:
@@ -150,7 +148,6 @@ def multiple_choice_reward(completion: str, letter: str) -> float:
         return 0.0
 
 
-
 def rouge_l_reward(completion: str, reference: str) -> float:
     """ROUGE-L F-measure in [0, 1] between the graded part of `completion` and `reference`; 0.0 on empty input.
     Never raises. Both texts are cut at ROUGE_MAX_TOKENS tokens so the O(n·m) LCS stays cheap.
@@ -169,7 +166,6 @@ def rouge_l_reward(completion: str, reference: str) -> float:
     except Exception:
         _count_error()
         return 0.0
-
 
 
 def final_answer(completion: str) -> str | None:
@@ -195,7 +191,6 @@ def final_answer(completion: str) -> str | None:
         return None
 
 
-
 def extract_boxed(text: str) -> str | None:
     """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`, `\\framebox{...}`, `\\boxed 5`), else None.
 
@@ -214,7 +209,6 @@ def extract_boxed(text: str) -> str | None:
         return None
     found = _last_boxed(text)
     return None if found is None else found[1]
-
 
 
 def strip_thinking(text: str) -> str:
@@ -240,7 +234,6 @@ def strip_thinking(text: str) -> str:
     return tail
 
 
-
 def score_completions(
     completions: list[str],
     answers: list[str],
@@ -259,7 +252,6 @@ def score_completions(
         reward(completion, answer, reference, rouge_weight, task)
         for completion, answer, reference in zip(completions, answers, references)
     ]
-
 
 
 # ===============================================================================================================
