@@ -2399,7 +2399,7 @@ def test_bench_measures_lora(capsys):
 @pytest.mark.parametrize("threads", ["1", "2"])
 def test_demo_learns_whatever_the_thread_count(tmp_path, threads):
     """`python train.py` as a newcomer runs it, warm start included (built in this thread count, in a cache of
-    its own): at least 25 held-out points gained (docs/demo.md). About 4 minutes with 2 threads, 6 with 1."""
+    its own): at least 25 held-out points gained (docs/demo.md). About 6 minutes with 2 threads, 9 with 1."""
     import subprocess
     env = {**os.environ, "OMP_NUM_THREADS": threads, "LAMBDAPO_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "demo"
