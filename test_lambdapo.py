@@ -1037,14 +1037,16 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
     metrics = [m for m in read_jsonl(out_dir / "metrics.jsonl") if "reward" in m]
     assert len(metrics) == options["num_steps"]
 
-    def forward(weights, ids, attention, completion_ids):
+    def load(weights):
         with torch.no_grad():
             for p, w in zip(params, weights):
                 p.copy_(w)
+
+    def forward(weights, ids, attention, completion_ids):
+        load(weights)
         return plain_logprobs(model, ids, attention, completion_ids, T_sample)      # (B, T)
 
     generator = torch.Generator().manual_seed(options["seed"])              # the documented mini-batch order
-    adam = None
     seen = {"advantages": [], "truncated": 0, "finished": 0, "clipped_tokens": 0.0, "norm_clipped": 0, "kl": 0.0,
             "batches": [], "right": 0, "wrong": 0}
     for step, (result, prompts, sampling) in enumerate(zip(spy.rollouts, spy.prompts, spy.samplings)):
@@ -1136,7 +1138,7 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
         assert logged["grad_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-4)     # before clipping
         # entropy of softmax(logits / T) under π_old, over the real completion tokens
         with torch.no_grad():
-            forward(optimizer_steps[0]["weights"], ids, attention, completion_ids)
+            load(optimizer_steps[0]["weights"])
             positions = (attention.cumsum(-1) - 1).clamp_min(0)
             logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
             logp_all = torch.log_softmax(logits[:, -completion_ids.shape[1] - 1:-1].float() / T_sample, dim=-1)
