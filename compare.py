@@ -18,12 +18,28 @@ Per run string, over seeds (held-out accuracy = train.py's `eval/accuracy`, gree
     steps_to_threshold first evaluation step whose accuracy ≥ --threshold, per seed (None: never reached)
     wall_seconds       each run's wall time (a resumed run: the sum of its attempts)
     diagnostics        train.py's lampo/* weight diagnostics, each the mean over steps then over seeds
-Writes summary.json, summary.md (a table to paste into a README) and curves.png (mean ± std bands).
+    per_seed           [{seed, final_accuracy, area, steps_to_threshold}] for every seed that finished
+With `--baseline RUN_STRING` every other run string also gets `vs_baseline`, paired by seed (same seed, same
+data order and initial weights, so seed-to-seed noise cancels):
+    area_diff          per seed, in seed order: area(run) − area(baseline); area_diff_mean their mean
+    final_accuracy_diff  the same for the final accuracy
+    paired_t           mean(d) / (sd(d) / √n) over the area differences (None when n < 2 or sd = 0)
+    p_value_sign_flip  exact, two-sided: the share of the 2^n sign flips of d whose |mean| ≥ the observed |mean|
+                       (the smallest possible value is 2/2^n: 0.25 with 3 seeds, ≈ 0.002 with 10)
+    area_diff_ci95     a 95% percentile bootstrap interval of mean(d) (10,000 resamples of the seeds, seeded)
+    final_accuracy_*   paired_t, p_value_sign_flip and ci95 of the final-accuracy differences
+Writes summary.json, summary.md (tables to paste into a README) and curves.png (mean ± std bands).
 std is the sample standard deviation (n − 1; 0 for a single seed).
+
+A study kept in the repository keeps each cell's compare.json and metrics.jsonl (a few hundred kB): re-running
+compare.py with the same runs and seeds on that folder runs nothing and recomputes every figure from them.
 """
 
 import argparse
+import itertools
 import json
+import math
+import random
 import re
 import shlex
 import statistics
@@ -72,7 +88,7 @@ def execute(run: str, seed: int, out_dir: Path, common: list[str]) -> dict:
     lines = [line for line in (folder / "train.log").read_text().splitlines() if line.strip()]
     status = {"run": run, "seed": seed, "folder": str(folder), "returncode": completed.returncode,
               "wall_seconds": round(previous.get("wall_seconds", 0.0) + time.time() - start, 1),
-              "command": shlex.join(command),
+              "command": shlex.join(["python", "train.py", *command[2:]]),   # as a user types it: no local paths
               "error": None if completed.returncode == 0 else (lines[-1] if lines else "no output")}
     status_path.write_text(json.dumps(status, indent=2) + "\n")
     return status
@@ -142,7 +158,77 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(statuses: list[dict], runs: list[str], seeds: list[int], threshold: float) -> dict:
+# ---------------------------------------------------------------------------------------------------
+# Paired statistics: run vs baseline, seed by seed
+# ---------------------------------------------------------------------------------------------------
+def paired_t(diffs: list[float]) -> float | None:
+    """The paired t statistic mean(d) / (sd(d) / √n), sd with n − 1; None when it is undefined.
+
+    >>> round(paired_t([0.1, 0.2, 0.3]), 6)      # mean 0.2, sd 0.1, n 3: 0.2 / (0.1 / √3)
+    3.464102
+    """
+    if len(diffs) < 2 or statistics.stdev(diffs) == 0:
+        return None
+    return statistics.fmean(diffs) / (statistics.stdev(diffs) / math.sqrt(len(diffs)))
+
+
+def sign_flip_p_value(diffs: list[float]) -> float | None:
+    """Exact two-sided sign-flip (permutation) test of mean(d) = 0 for paired differences.
+
+    Under the null each seed's difference is as likely to have either sign, so each of the 2^n sign patterns
+    is equally likely; the p-value is the share of them whose |sum| is at least the observed |sum| (the
+    observed pattern and its mirror always count, so p ≥ 2/2^n). Exact for any n (2^n sums; n ≤ 20 here).
+
+    >>> sign_flip_p_value([0.1, 0.2, 0.3])      # only (+,+,+) and (−,−,−) reach |0.6|: 2/8
+    0.25
+    >>> sign_flip_p_value([0.3, -0.1, 0.1])     # |±0.3 ± 0.1 ± 0.1| ≥ 0.3 for 6 of 8 patterns
+    0.75
+    """
+    if not diffs:
+        return None
+    if len(diffs) > 20:
+        raise ValueError(f"sign_flip_p_value: {len(diffs)} seeds means 2^{len(diffs)} patterns; at most 20")
+    observed = abs(sum(diffs))
+    tolerance = 1e-12 * max(1.0, sum(abs(d) for d in diffs))   # the observed pattern, summed in another order
+    hits = sum(abs(sum(s * d for s, d in zip(signs, diffs))) >= observed - tolerance
+               for signs in itertools.product((1, -1), repeat=len(diffs)))
+    return hits / 2 ** len(diffs)
+
+
+def bootstrap_ci95(diffs: list[float], resamples: int = 10_000, seed: int = 0) -> list[float] | None:
+    """A 95% percentile bootstrap interval of mean(d): resample the n seeds with replacement `resamples`
+    times (a fixed RNG seed: the same numbers every time), take the 2.5th and 97.5th percentiles of the means.
+
+    >>> bootstrap_ci95([0.5, 0.5, 0.5])
+    [0.5, 0.5]
+    """
+    if not diffs:
+        return None
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+    return [means[round(0.025 * (resamples - 1))], means[round(0.975 * (resamples - 1))]]
+
+
+def versus_baseline(entry: dict, baseline: dict) -> dict:
+    """Paired differences entry − baseline over the seeds both finished (their per_seed lists)."""
+    mine = {row["seed"]: row for row in entry["per_seed"]}
+    theirs = {row["seed"]: row for row in baseline["per_seed"]}
+    seeds = sorted(set(mine) & set(theirs))
+    area = [mine[s]["area"] - theirs[s]["area"] for s in seeds]
+    final = [mine[s]["final_accuracy"] - theirs[s]["final_accuracy"] for s in seeds]
+    return {
+        "seeds": seeds,
+        "area_diff": area, "area_diff_mean": statistics.fmean(area) if area else None,
+        "paired_t": paired_t(area), "p_value_sign_flip": sign_flip_p_value(area),
+        "area_diff_ci95": bootstrap_ci95(area),
+        "final_accuracy_diff": final, "final_accuracy_diff_mean": statistics.fmean(final) if final else None,
+        "final_accuracy_paired_t": paired_t(final), "final_accuracy_p_value_sign_flip": sign_flip_p_value(final),
+        "final_accuracy_diff_ci95": bootstrap_ci95(final),
+    }
+
+
+def summarize(statuses: list[dict], runs: list[str], seeds: list[int], threshold: float,
+              baseline: str | None = None) -> dict:
     """One entry per run string: per-seed figures and their mean ± std over the seeds that finished."""
     summary = {}
     for run in runs:
@@ -174,9 +260,18 @@ def summarize(statuses: list[dict], runs: list[str], seeds: list[int], threshold
             "curve": curve_mean_std,
             "wall_seconds_mean": wall_mean,
             "diagnostics": diagnostics,          # lampo/*: mean over steps, then over seeds
+            "per_seed": [{"seed": seed, "final_accuracy": curves[seed][max(curves[seed])],
+                          "area": area_under_curve(curves[seed]),
+                          "steps_to_threshold": steps_to_threshold(curves[seed], threshold)}
+                         for seed in sorted(curves)],
             "failed": [{"seed": s["seed"], "error": s["error"], "log": str(Path(s["folder"]) / "train.log")}
                        for s in mine if s["returncode"] != 0],
         }
+    if baseline is not None:
+        for run in runs:
+            if run != baseline:
+                summary[run]["vs_baseline"] = {"baseline": baseline,
+                                               **versus_baseline(summary[run], summary[baseline])}
     return summary
 
 
@@ -199,10 +294,40 @@ def markdown(summary: dict) -> str:
         d = entry["diagnostics"]
         cells = ["—" if name not in d else f"{d[name]:.3f}" for name in DIAGNOSTICS]
         lines.append(f"| `{run}` | " + " | ".join(cells) + " |")
+    lines += ["", "Per seed (final held-out accuracy / area under curve):", "",
+              "| run | " + " | ".join(f"seed {row['seed']}" for row in _widest(summary)) + " |",
+              "| --- |" + " --- |" * len(_widest(summary))]
+    for run, entry in summary.items():
+        rows = {row["seed"]: row for row in entry["per_seed"]}
+        cells = [f"{rows[r['seed']]['final_accuracy']:.3f} / {rows[r['seed']]['area']:.3f}" if r["seed"] in rows else "—"
+                 for r in _widest(summary)]
+        lines.append(f"| `{run}` | " + " | ".join(cells) + " |")
+    compared = {run: entry["vs_baseline"] for run, entry in summary.items() if "vs_baseline" in entry}
+    if compared:
+        def number(x, digits=3):
+            return "—" if x is None else f"{x:+.{digits}f}"
+
+        baseline = next(iter(compared.values()))["baseline"]
+        lines += ["", f"Paired by seed against `{baseline}` (difference = run − baseline; p: exact sign-flip test, "
+                      "two-sided; interval: 95% bootstrap over seeds):", "",
+                  "| run | seeds | area diff (mean) | 95% interval | paired t | p | final accuracy diff | p |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for run, v in compared.items():
+            interval = "—" if v["area_diff_ci95"] is None else f"[{v['area_diff_ci95'][0]:+.3f}, {v['area_diff_ci95'][1]:+.3f}]"
+            p = "—" if v["p_value_sign_flip"] is None else f"{v['p_value_sign_flip']:.3f}"
+            p_final = "—" if v["final_accuracy_p_value_sign_flip"] is None else f"{v['final_accuracy_p_value_sign_flip']:.3f}"
+            lines.append(f"| `{run}` | {len(v['seeds'])} | {number(v['area_diff_mean'])} | {interval} "
+                         f"| {number(v['paired_t'], 2)} | {p} | {number(v['final_accuracy_diff_mean'])} | {p_final} |")
     for run, entry in summary.items():
         for failure in entry["failed"]:
             lines.append(f"\n`{run}` seed {failure['seed']} failed: {failure['error']} (see {failure['log']})")
     return "\n".join(lines) + "\n"
+
+
+def _widest(summary: dict) -> list[dict]:
+    """The per_seed rows of the run string with the most seeds (the per-seed table's columns)."""
+    seeds = sorted({row["seed"] for entry in summary.values() for row in entry["per_seed"]})
+    return [{"seed": seed} for seed in seeds]
 
 
 def plot(summary: dict, out: Path) -> None:
@@ -242,12 +367,19 @@ def main(argv=None):
     parser.add_argument("--out_dir", default="runs/compare", help="one folder per run string and seed go here")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (1 keeps wall times comparable)")
     parser.add_argument("--threshold", type=float, default=0.8, help="held-out accuracy for steps_to_threshold")
+    parser.add_argument("--baseline", default=None, metavar="RUN_STRING",
+                        help="compare every other run string with this one, paired by seed (vs_baseline in "
+                             "summary.json); it is run too if --runs does not name it")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error("--seeds: each seed once (paired statistics pair runs by seed)")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = list(dict.fromkeys(args.runs))                  # summary keys are the run strings as given
+    if args.baseline is not None and args.baseline not in runs:
+        runs.insert(0, args.baseline)
     cells = [(run, seed) for run in runs for seed in args.seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(execute, run, seed, out_dir, common) for run, seed in cells]
@@ -257,7 +389,7 @@ def main(argv=None):
             statuses.append(status)
             outcome = "ok" if status["returncode"] == 0 else f"FAILED: {status['error']}"
             print(f"compare.py: {run!r} seed {seed}: {outcome} ({status['wall_seconds']} s)", file=sys.stderr)
-    summary = summarize(statuses, runs, args.seeds, args.threshold)
+    summary = summarize(statuses, runs, args.seeds, args.threshold, args.baseline)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown(summary)
     (out_dir / "summary.md").write_text(table)

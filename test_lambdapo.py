@@ -1439,7 +1439,10 @@ def test_compare_runs_a_grid_resumes_and_reports_failures(tiny_model_dir, tmp_pa
     assert entry["seeds"] == [0] and entry["final_accuracy_std"] == 0.0
     assert entry["final_accuracy_mean"] == evals[-1]["eval/accuracy"]
     assert entry["steps_to_threshold"] == [next((m["step"] for m in evals if m["eval/accuracy"] >= 0.25), None)]
-    assert not entry["failed"]
+    assert entry["per_seed"] == [{"seed": 0, "final_accuracy": evals[-1]["eval/accuracy"],
+                                  "area": compare.area_under_curve({m["step"]: m["eval/accuracy"] for m in evals}),
+                                  "steps_to_threshold": entry["steps_to_threshold"][0]}]
+    assert not entry["failed"] and "vs_baseline" not in entry
     bad = summary["lampo --no_such_option 1"]
     assert bad["seeds"] == [] and "no_such_option" in bad["failed"][0]["error"]
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
@@ -1450,8 +1453,13 @@ def test_compare_runs_a_grid_resumes_and_reports_failures(tiny_model_dir, tmp_pa
     config = train.parse_config(command[2:])
     assert (config.algo, config.tau, config.seed, config.out_dir) == ("grpo", 0.5, 3, str(tmp_path / "cell"))
     log = (out / "lampo" / "seed-0" / "train.log").read_text()
-    compare.main(["--runs", "lampo", "--seeds", "0", "--out_dir", str(out), "--", *common])
+    # a --baseline that --runs does not name is run too; with no seed in common the statistics are empty
+    summary = compare.main(["--runs", "lampo", "--seeds", "0", "--out_dir", str(out),
+                            "--baseline", "lampo --no_such_option 1", "--", *common])
     assert (out / "lampo" / "seed-0" / "train.log").read_text() == log           # finished: not run again
+    assert list(summary) == ["lampo --no_such_option 1", "lampo"]
+    assert summary["lampo"]["vs_baseline"]["seeds"] == [] and summary["lampo"]["vs_baseline"]["p_value_sign_flip"] is None
+    assert json.loads((out / "lampo" / "seed-0" / "compare.json").read_text())["command"].startswith("python train.py ")
 
 
 def test_compare_aggregates_by_hand(tmp_path):
@@ -1477,6 +1485,52 @@ def test_compare_aggregates_by_hand(tmp_path):
     assert entry["diagnostics"]["lampo/seq_logp_std"] == pytest.approx(0.1)
     assert "lampo/corr_rloo" not in entry["diagnostics"]
     assert "| `x` | 1.250 | — | 0.375 | 0.100 | — |" in compare.markdown({"x": entry})
+
+
+def test_compare_paired_statistics_by_hand(tmp_path):
+    """per_seed and vs_baseline from hand-made curves; every statistic recomputed here by hand."""
+    import compare
+    # curve {0: a, 10: b}: area (a + b) / 2, final accuracy b
+    curves = {"base": [(0.2, 0.4), (0.2, 0.6), (0.4, 0.6), (0.0, 0.2)],
+              "new": [(0.2, 0.6), (0.4, 0.6), (0.2, 0.6), (0.4, 0.8)]}
+    statuses = []
+    for run, rows in curves.items():
+        for seed, (a, b) in enumerate(rows):
+            folder = tmp_path / run / f"seed-{seed}"
+            folder.mkdir(parents=True)
+            (folder / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/accuracy": a}) + "\n"
+                                                  + json.dumps({"step": 10, "eval/accuracy": b}) + "\n")
+            statuses.append({"run": run, "seed": seed, "folder": str(folder), "returncode": 0,
+                             "wall_seconds": 1.0, "error": None})
+    summary = compare.summarize(statuses, ["base", "new"], [0, 1, 2, 3], threshold=0.6, baseline="base")
+    assert "vs_baseline" not in summary["base"]
+    assert summary["base"]["per_seed"][1] == {"seed": 1, "final_accuracy": 0.6, "area": pytest.approx(0.4),
+                                              "steps_to_threshold": 10}
+    assert [row["steps_to_threshold"] for row in summary["base"]["per_seed"]] == [None, 10, 10, None]
+    v = summary["new"]["vs_baseline"]
+    assert v["baseline"] == "base" and v["seeds"] == [0, 1, 2, 3]
+    # area differences: 0.4−0.3, 0.5−0.4, 0.4−0.5, 0.6−0.1
+    assert v["area_diff"] == pytest.approx([0.1, 0.1, -0.1, 0.5])
+    assert v["area_diff_mean"] == pytest.approx(0.15)
+    sd = math.sqrt(((0.1 - 0.15) ** 2 * 2 + (-0.1 - 0.15) ** 2 + (0.5 - 0.15) ** 2) / 3)
+    assert v["paired_t"] == pytest.approx(0.15 / (sd / 2))
+    # sign flips of (.1, .1, −.1, .5), sum .6: with the .5 kept, .5 + (±.1 ±.1 ∓.1) ≥ .6 for 4 of 8; mirrored: 8/16
+    sums = [abs(a * 0.1 + b * 0.1 + c * -0.1 + d * 0.5) for a in (1, -1) for b in (1, -1) for c in (1, -1) for d in (1, -1)]
+    assert v["p_value_sign_flip"] == sum(x >= 0.6 - 1e-9 for x in sums) / 16 == 8 / 16
+    low, high = v["area_diff_ci95"]
+    assert -0.1 <= low < 0.15 < high <= 0.5
+    # final accuracy differences: .2, 0, 0, .6
+    assert v["final_accuracy_diff"] == pytest.approx([0.2, 0.0, 0.0, 0.6])
+    assert v["final_accuracy_diff_mean"] == pytest.approx(0.2)
+    assert v["final_accuracy_p_value_sign_flip"] == 8 / 16      # the zeros' flips change nothing: ±.2 ± .6 ≥ .8 when signs agree
+    # the bootstrap of two differences 0 and 1: means 0, .5, 1 with probability 1/4, 1/2, 1/4
+    assert compare.bootstrap_ci95([0.0, 1.0]) == [0.0, 1.0]
+    assert compare.sign_flip_p_value([0.2]) == 1.0 and compare.paired_t([0.2]) is None
+    table = compare.markdown(summary)
+    assert "Paired by seed against `base`" in table and "| `new` | 4 | +0.150 |" in table and "| 0.500 |" in table
+    # a seed only one side finished is left out of the pairing
+    summary = compare.summarize(statuses[:-1], ["base", "new"], [0, 1, 2, 3], threshold=0.6, baseline="base")
+    assert summary["new"]["vs_baseline"]["seeds"] == [0, 1, 2]
 
 
 # ===================================================================================================
