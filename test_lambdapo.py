@@ -681,6 +681,70 @@ def test_train_runs_and_writes_everything(tiny_model_dir, tmp_path):
     assert not torch.equal(initial.model.embed_tokens.weight, final.model.embed_tokens.weight)
 
 
+def numeric_rows(path) -> dict:
+    """{(step, name): value} of metrics.jsonl's numbers, the last value of a repeated (step, name) winning."""
+    return {(row["step"], name): value for row in read_jsonl(path) for name, value in row.items()
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def wandb_history(run_file) -> dict:
+    """{(step, name): value} read back from an offline wandb run file (run-*.wandb): the records are wandb's
+    protobufs in the LevelDB log format (32 KiB blocks of chunks: crc32, little-endian length, type)."""
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    raw, position, chunks, history = open(run_file, "rb").read(), 7, b"", {}   # 7: the ":W&B" file header
+    while position + 7 <= len(raw):
+        if 32768 - position % 32768 < 7:                     # a block's tail too short for a chunk header: padding
+            position += 32768 - position % 32768
+            continue
+        length, kind = struct.unpack("<HB", raw[position + 4:position + 7])
+        chunks += raw[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):                                   # FULL, or LAST of FIRST/MIDDLE/LAST
+            record = wandb_internal_pb2.Record.FromString(chunks)
+            chunks = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                for name, value in items.items():
+                    if not name.startswith("_"):
+                        history[(items["_step"], name)] = value
+    return history
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_report_to_logs_the_rows_of_metrics_jsonl(tiny_model_dir, tmp_path, monkeypatch, tracker):
+    """--report_to writes every number of metrics.jsonl at its step, read back from the offline writers' files."""
+    pytest.importorskip(tracker)              # optional packages: CI installs both, so CI runs both cases
+    import train
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_model_dir, out, "--eval_every", "1", "--report_to", tracker))
+    expected = numeric_rows(out / "metrics.jsonl")
+    assert {step for step, _ in expected} == {0, 1, 2} and (2, "eval/accuracy") in expected and (1, "loss") in expected
+    if tracker == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+        logged = {(event.step, name): event.value for name in events.Tags()["scalars"] for event in events.Scalars(name)}
+    else:   # wandb's service process may still be writing the run file when finish() returns: wait for it
+        run_file, deadline = next((out / "wandb").glob("offline-run-*/run-*.wandb")), time.time() + 60
+        while (logged := wandb_history(run_file)).keys() != expected.keys() and time.time() < deadline:
+            time.sleep(0.5)
+    assert logged.keys() == expected.keys()
+    assert all(logged[key] == pytest.approx(value, rel=1e-6) for key, value in expected.items())
+
+
+def test_report_to_a_missing_tracker_is_one_line_before_loading(tiny_model_dir, tmp_path, monkeypatch):
+    import importlib.util
+    import train
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(tiny_model_dir, tmp_path / "run", "--report_to", "wandb"))
+    assert exit_info.value.code == "train.py: error: --report_to wandb needs the wandb package: pip install wandb"
+    assert not (tmp_path / "run" / "initial").exists()                 # refused before anything loaded
+
+
 def test_train_with_the_fast_engine_matches_plain_under_greedy_eval(tiny_model_dir, tmp_path):
     import train
     train.main(tiny_args(tiny_model_dir, tmp_path / "fast", "--rollout_engine", "fast"))

@@ -20,6 +20,7 @@ adapters that are all the optimizer sees; π_ref is the base with the adapters o
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +129,9 @@ class Config:
     save_every: int = option(None, "checkpoint every N steps (preset: 20 toy, 50 LLM)")
     keep_checkpoints: int = option(2, "how many recent checkpoint-* folders to keep")
     log_samples: int = option(4, "completions per step written to samples.jsonl")
+    report_to: str = option("none", "also log metrics.jsonl's rows to a tracker: none | wandb (WANDB_PROJECT, "
+                                    "default lambdapo; WANDB_MODE=offline works without a network) | tensorboard "
+                                    "(out_dir/tensorboard); each needs its package installed")
     seed: int = option(0, "seed for the data order, sampling and the update's shuffling")
     device: str = option(None, "cuda | cpu (default: cuda when available)")
     resume: bool = option(False, "continue from the newest checkpoint in out_dir")
@@ -162,6 +167,7 @@ def parse_config(argv=None) -> Config:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     choices = {"algo": ["lampo", "grpo", "dr_grpo", "rloo"], "aggregation": list(lambdapo.AGGREGATIONS),
                "seq_logp": ["mean", "sum"], "rollout_engine": ["auto", "fast", "plain"], "scale_by_std": ["auto", "true", "false"],
+               "report_to": list(TRACKERS) + ["none"],
                "eval_benchmark": list(data.BENCHMARKS) + ["none"]}
     for item in dataclasses.fields(Config):
         is_flag = item.type is bool                     # --resume, --resume true, --resume false
@@ -253,6 +259,9 @@ def check_config(config: Config) -> None:
             raise ConfigError(f"--dataset {config.dataset}: not toy, toy_hard, math, gsm8k, a local .jsonl/.json/.parquet "
                               "file or an owner/name Hub dataset id")
     check_model_name(config.model)
+    if config.report_to in TRACKERS and importlib.util.find_spec(config.report_to) is None:   # before a model loads
+        raise ConfigError(f"--report_to {config.report_to} needs the {config.report_to} package: "
+                          f"pip install {config.report_to}")
     for name in ("data_file", "eval_data_file"):
         if getattr(config, name) and not os.path.isfile(getattr(config, name)):
             raise ConfigError(f"--{name} {getattr(config, name)}: no such file")
@@ -452,6 +461,49 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             file.write(json.dumps(row) + "\n")
 
 
+TRACKERS = ("wandb", "tensorboard")      # --report_to: optional packages, imported only when named
+
+
+class Tracker:
+    """metrics.jsonl, and every row's numbers to the tracker --report_to names, at the row's step.
+
+    Optional packages, imported here only. wandb: one run per out_dir (its id is kept in out_dir/wandb_id, so
+    --resume continues the same run; wandb ignores steps below its last one, so what an interrupted run logged
+    after its checkpoint stays there once). tensorboard: out_dir/tensorboard; on --resume the events after the
+    checkpoint are purged, as forget_logs_after does for metrics.jsonl."""
+
+    def __init__(self, config: Config, out_dir: Path, start_step: int):
+        self.path, self.run, self.writer = out_dir / "metrics.jsonl", None, None
+        if config.report_to == "wandb":
+            import wandb
+            id_file = out_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if start_step and id_file.exists() else uuid.uuid4().hex[:12]
+            id_file.write_text(run_id + "\n")
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lambdapo"), name=out_dir.name, id=run_id,
+                                  resume="allow", dir=str(out_dir), config=dataclasses.asdict(config))
+        elif config.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, row: dict) -> None:
+        write_jsonl(self.path, [row])
+        numbers = {name: value for name, value in row.items()
+                   if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if self.run is not None:
+            self.run.log(numbers, step=row["step"])
+        if self.writer is not None:
+            for name, value in numbers.items():
+                self.writer.add_scalar(name, value, row["step"])
+            self.writer.flush()             # a crashed run keeps what it logged
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+        if self.writer is not None:
+            self.writer.close()
+        self.run = self.writer = None
+
+
 # ===================================================================================================
 # SETUP: everything the loop needs, built once (restored from the newest checkpoint with --resume)
 # ===================================================================================================
@@ -473,6 +525,7 @@ class Setup:
     eval_sampling: SamplingConfig
     template_kwargs: dict                     # chat-template options (Qwen3's enable_thinking)
     start_step: int
+    tracker: Tracker                          # metrics.jsonl (+ --report_to)
     run_peak_gib: float = 0.0                 # the highest per-step GPU memory peak so far
 
     def autocast(self):
@@ -561,7 +614,8 @@ def setup(config: Config, log=tqdm.write) -> Setup:
                                          max_new_tokens=config.max_new_tokens, batch_size=config.generation_batch_size),
                  eval_sampling=SamplingConfig(do_sample=False, max_new_tokens=config.eval_max_new_tokens,
                                               batch_size=config.generation_batch_size),
-                 template_kwargs=template_kwargs, start_step=start_step)
+                 template_kwargs=template_kwargs, start_step=start_step,
+                 tracker=Tracker(config, out_dir, start_step))
 
 
 def held_out_eval(s: Setup, config: Config, step: int, log=tqdm.write) -> dict:
@@ -639,7 +693,7 @@ def log_step(s: Setup, config: Config, metrics: dict, timings: dict, rollout, ba
         metrics["memory/peak_gib"] = round(torch.cuda.max_memory_allocated(s.device) / 2 ** 30, 2)
         s.run_peak_gib = max(s.run_peak_gib, metrics["memory/peak_gib"])
         torch.cuda.reset_peak_memory_stats(s.device)
-    write_jsonl(s.out_dir / "metrics.jsonl", [metrics])
+    s.tracker.log(metrics)
     G = config.group_size
     write_jsonl(s.out_dir / "samples.jsonl", [
         {"step": metrics["step"], "prompt": batch[row // G]["prompt"], "completion": rollout.completions[row],
@@ -658,7 +712,7 @@ def finish(s: Setup, config: Config, step: int, last_saved: int, initial_eval: d
     save_model(s.out_dir / "final", s.policy, s.tokenizer)
     final_eval = held_out_eval(s, config, config.num_steps, log)
     if final_eval:
-        write_jsonl(s.out_dir / "metrics.jsonl", [{"step": config.num_steps, **final_eval}])
+        s.tracker.log({"step": config.num_steps, **final_eval})
     if config.plot:
         try:
             import plot
@@ -672,6 +726,7 @@ def finish(s: Setup, config: Config, step: int, last_saved: int, initial_eval: d
                "trainable_parameters": trainable_params, "parameters": params}
     if s.device.type == "cuda":     # the whole run's worst moment: every step's peak, and what came after the last
         summary["peak_gpu_memory_gib"] = round(max(s.run_peak_gib, torch.cuda.max_memory_allocated(s.device) / 2 ** 30), 2)
+    s.tracker.close()
     log(f"Done: {json.dumps(summary)}")
     return summary
 
@@ -685,7 +740,7 @@ def train(config: Config) -> dict:
     scale_by_std = None if config.scale_by_std == "auto" else config.scale_by_std == "true"
     initial_eval = held_out_eval(s, config, 0) if s.start_step == 0 else {}
     if initial_eval:
-        write_jsonl(s.out_dir / "metrics.jsonl", [{"step": 0, **initial_eval}])
+        s.tracker.log({"step": 0, **initial_eval})
     step = last_saved = s.start_step
     progress = tqdm(range(s.start_step, config.num_steps), initial=s.start_step, total=config.num_steps,
                     desc=config.algo, dynamic_ncols=True)
@@ -807,6 +862,7 @@ def train(config: Config) -> dict:
         if step > last_saved:
             save_checkpoint(s.out_dir, step, policy, s.tokenizer, optimizer, s.scheduler, s.generator,
                             config.keep_checkpoints)
+        s.tracker.close()
         print(f"Interrupted after step {step}: saved {latest_checkpoint(s.out_dir)}; continue with "
               f"python train.py --resume --out_dir {s.out_dir} (and the same options)", file=sys.stderr)
         raise SystemExit(130)
