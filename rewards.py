@@ -932,6 +932,9 @@ def _is_correct(completion: str, answer: str) -> bool:
     # not part of it, and would make math_verify fall back to reading a lone "-1" out of the matrix.
     gold = gold[:-1].rstrip() if gold.endswith(".") and not gold.endswith("..") else gold
     gold = _without_delimiters(gold)
+    if _BOX_COMMAND.search(gold):  # a worked solution given as the gold: what it answers, read as a completion is
+        stated = _final_answers(strip_thinking(gold))
+        gold = ", ".join(stated) if stated else gold
     if not gold:
         return False  # nothing to compare with: never reward
     text = strip_thinking(completion)

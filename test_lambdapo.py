@@ -1760,6 +1760,7 @@ def test_rewards_final_answer_late_sentence_and_no_box():
         ("(1, 2)", r"\boxed{(1, 2)} or \boxed{(1,2)}"),  # a restatement is no hedge
         (r"8\!:\!34 \text{ p.m.}", r"$\boxed{20\!:\!34}$ or $\boxed{8\!:\!34 \text{ p.m.}}$"),  # one time, two clocks
         ("8:34 p.m.", r"\boxed{20:34}"),
+        (r"so the solutions are $n = \boxed{1,-2}.$", r"\[ \boxed{-2} \quad \text{and} \quad \boxed{1}. \]"),  # a worked gold
     ],
 )
 def test_rewards_accuracy_multi_part_and_late_answers(answer, completion):
@@ -1810,6 +1811,7 @@ def test_rewards_accuracy_multi_part_and_late_answers(answer, completion):
         ("(12, 9)", r"\boxed{12}, \boxed{9}, \boxed{9}"),  # a part too many
         ("8:34 p.m.", r"\boxed{8:34}"),  # a bare time is on the 24-hour clock
         ("8:34 p.m.", r"\boxed{8:34 \text{ a.m.}}"),
+        (r"\boxed{1} no no no no no \boxed{2}", r"$\boxed{1,2}$"),  # a worked gold answers its final statement: 2
     ],
 )
 def test_rewards_accuracy_hedges_and_wrong_parts_are_zero(answer, completion):
