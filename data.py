@@ -107,10 +107,11 @@ def last_boxed(text: str | None) -> str | None:
 _SEVERAL_ANSWERS = re.compile(r"\b(?:all|list|separated\s+by|comma-separated)\b", re.IGNORECASE)
 _ONE_ANSWER = re.compile(r"\b(?:only|just|any)\s+one\b|\beither\s+(?:one\s+)?of\b", re.IGNORECASE)
 # A problem that fixes the order of its answer's parts: "first write the length of $BP$, then ...", "in increasing
-# order", "from the greatest to the least", "in order of increasing $x$-coordinate". Not "in that order", which
-# MATH uses for the problem's own objects ("form an arithmetic sequence, in that order").
+# order", "from the greatest to the least", "in order of increasing $x$-coordinate", "the ordered pair". Not "in
+# that order", which MATH uses for the problem's own objects ("form an arithmetic sequence, in that order").
 _ORDERED = re.compile(
     r"\b(?:in|by)\s+(?:strictly\s+)?(?:increasing|decreasing|ascending|descending)\s+order\b|\bin\s+order\s+of\b"
+    r"|\bordered\s+(?:pair|triple|quadruple|tuple)"
     r"|\bfrom\s+(?:the\s+)?(?:least|smallest|lowest|greatest|largest|highest)\s+to\b"
     r"|\bfirst\s+(?:write|enter|give|list|put)\b",
     re.IGNORECASE,
@@ -139,8 +140,10 @@ def ordered_answer(answer: str, problem: str) -> str:
     of BP, then the length of QT" becomes "(12, 9)". The grader reads a bare list as a set (a list of solutions, as
     math-verify does) and a tuple in order, so "9, 12" is wrong here and right for "Find all ...".
 
-    >>> ordered_answer("12,9", "First write the length of $BP$, then that of $QT$."), ordered_answer("12,9", "Find all $x$.")
-    ('(12, 9)', '12,9')
+    >>> ordered_answer("12,9", "First write the length of $BP$, then that of $QT$.")
+    '(12, 9)'
+    >>> ordered_answer("12,9", "Find all $x$.")
+    '12,9'
     """
     if not _ORDERED.search(problem) or _UNORDERED.search(problem):
         return answer

@@ -1760,7 +1760,8 @@ def test_rewards_final_answer_late_sentence_and_no_box():
         ("(1, 2)", r"\boxed{(1, 2)} or \boxed{(1,2)}"),  # a restatement is no hedge
         (r"8\!:\!34 \text{ p.m.}", r"$\boxed{20\!:\!34}$ or $\boxed{8\!:\!34 \text{ p.m.}}$"),  # one time, two clocks
         ("8:34 p.m.", r"\boxed{20:34}"),
-        (r"so the solutions are $n = \boxed{1,-2}.$", r"\[ \boxed{-2} \quad \text{and} \quad \boxed{1}. \]"),  # a worked gold
+        # a worked solution as the gold: graded by what its final statement answers
+        (r"so the solutions are $n = \boxed{1,-2}.$", r"\[ \boxed{-2} \quad \text{and} \quad \boxed{1}. \]"),
     ],
 )
 def test_rewards_accuracy_multi_part_and_late_answers(answer, completion):
