@@ -388,7 +388,9 @@ def _only_separators(between: str) -> bool:
 
 
 # Rule 4: the unit words that may follow a box before the separator. Words that carry a sentence on are never units.
-_UNIT_START = re.compile(r"\s{0,3}(?:\\(?:text|textrm|mathrm|mbox)\s{0,3}\{)?\s{0,3}")
+# Before the unit: the end of the box's math ("$", "\)", "}"), then maybe a text command: "$\boxed{1}$ papers",
+# "\boxed{1} \text{ papers".
+_UNIT_START = re.compile(r"(?:\s|\$|\\[)\]]|\}){0,8}(?:\\(?:text|textrm|mathrm|mbox)\s{0,3}\{)?\s{0,3}")
 _UNIT_WORD = re.compile(r"[A-Za-z]{1,15}(?![A-Za-z])\s{0,3}")
 _NOT_UNIT = frozenset(
     "and or either maybe perhaps possibly so then thus hence therefore but because since as is are was were be been "
@@ -403,8 +405,10 @@ def _joins(between: str) -> bool:
     r"""Do two boxes (or math spans) with `between` between them state one answer? Separators only, or rule 4's
     unit words followed by a separator that joins.
 
-    >>> _joins(" papers and "), _joins(r" \text{ cm}, "), _joins(" is wrong, so "), _joins(" cm, and then ")
-    (True, True, False, False)
+    >>> _joins(" papers and "), _joins(r" \text{ cm}, "), _joins("$ apples or $"), _joins(r"\) cm and \(")
+    (True, True, True, True)
+    >>> _joins(" is wrong, so "), _joins(" cm, and then "), _joins("$. Apples or $")
+    (False, False, False)
     """
     if _only_separators(between):
         return True

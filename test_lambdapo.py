@@ -1705,6 +1705,7 @@ def test_rewards_final_answer_joins_the_boxes_of_one_statement():
 
 def test_rewards_final_answer_unit_words_between_boxes_and_a_lone_number():
     assert final_answer(r"\boxed{1} papers and \boxed{2} bins") == "1, 2"  # a unit word, then a joining separator
+    assert final_answer(r"$\boxed{1}$ papers and $\boxed{2}$ bins") == "1, 2"
     assert final_answer(r"\boxed{12} \text{ hours and } \boxed{30} minutes") == "12, 30"
     assert final_answer(r"\boxed{3} is wrong, so \boxed{4}") == "4"  # "is" carries the sentence on: no unit
     assert final_answer(r"\boxed{5} cm, and the width is \boxed{3}") == "3"  # more than units and separators
@@ -1802,6 +1803,7 @@ def test_rewards_accuracy_multi_part_and_late_answers(answer, completion):
         ("2", r"\boxed{1} papers and \boxed{2} bins"),  # joined: a two-valued answer for a single gold
         ("3", r"\boxed{3} apples or \boxed{4} apples"),  # a hedge with units ...
         ("4", r"\boxed{3} apples or \boxed{4} apples"),  # ... whichever value the gold is (the last box used to win)
+        ("4", r"So it is $\boxed{3}$ apples or $\boxed{4}$ apples."),  # ... inside math spans too
         ("1, 2", r"\boxed{1} no no no no no \boxed{2}"),  # words that are no units: two statements
         ("(12, 9)", r"\boxed{9, 12}"),  # an ordered gold in the wrong order, in one box ...
         ("(12, 9)", r"\boxed{9} and \boxed{12}"),  # ... or in several
