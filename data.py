@@ -97,6 +97,62 @@ def last_boxed(text: str | None) -> str | None:
     return extract_boxed(text)
 
 
+# The gold of a worked solution (MATH train has no answer field). Its last box, except when the problem asks for
+# several answers and the solution's final statement boxes each of them: "Find all points where they intersect" and
+# "... the points of intersection are $\boxed{(-2,18)}$ and $\boxed{(8,38)}$" has the gold "(-2,18), (8,38)", not
+# the last box alone, which the reference solution itself would fail (the grader reads the final statement's boxes as
+# one answer, rewards.final_answer). A solution that boxes one answer in two forms ("$\boxed{28}$ or
+# $\boxed{28_9}$" for "What is $N$, in base 9?") or one of two acceptable answers ("Enter only one of the foci")
+# keeps its last box: the problem asks for one answer.
+_SEVERAL_ANSWERS = re.compile(r"\b(?:all|list|separated\s+by|comma-separated)\b", re.IGNORECASE)
+_ONE_ANSWER = re.compile(r"\b(?:only|just|any)\s+one\b|\beither\s+(?:one\s+)?of\b", re.IGNORECASE)
+# A problem that fixes the order of its answer's parts: "first write the length of $BP$, then ...", "in increasing
+# order", "from the greatest to the least", "in order of increasing $x$-coordinate", "the ordered pair". Not "in
+# that order", which MATH uses for the problem's own objects ("form an arithmetic sequence, in that order").
+_ORDERED = re.compile(
+    r"\b(?:in|by)\s+(?:strictly\s+)?(?:increasing|decreasing|ascending|descending)\s+order\b|\bin\s+order\s+of\b"
+    r"|\bordered\s+(?:pair|triple|quadruple|tuple)"
+    r"|\bfrom\s+(?:the\s+)?(?:least|smallest|lowest|greatest|largest|highest)\s+to\b"
+    r"|\bfirst\s+(?:write|enter|give|list|put)\b",
+    re.IGNORECASE,
+)
+_UNORDERED = re.compile(r"\bin\s+any\s+order\b|\bnot\s+necessarily\s+in\b", re.IGNORECASE)
+
+
+def solution_answer(solution: str | None, problem: str = "") -> str | None:
+    """The gold answer of a worked solution (see the rule above); None without a box.
+
+    >>> solution_answer(r"The points are $\\boxed{(-2,18)}$ and $\\boxed{(8,38)}$.", "Find all points.")
+    '(-2,18), (8,38)'
+    >>> solution_answer(r"In base 9 this is $\\boxed{28}$ or $\\boxed{28_9}$.", "What is $N$ in base 9?")
+    '28_9'
+    """
+    last = last_boxed(solution)
+    if last is None or not _SEVERAL_ANSWERS.search(problem) or _ONE_ANSWER.search(problem):
+        return last
+    from rewards import final_answer  # lazy, as in last_boxed
+
+    return final_answer(solution) or last
+
+
+def ordered_answer(answer: str, problem: str) -> str:
+    """A list answer whose order the problem fixes, written as the tuple it is: "12,9" for "first write the length
+    of BP, then the length of QT" becomes "(12, 9)". The grader reads a bare list as a set (a list of solutions, as
+    math-verify does) and a tuple in order, so "9, 12" is wrong here and right for "Find all ...".
+
+    >>> ordered_answer("12,9", "First write the length of $BP$, then that of $QT$.")
+    '(12, 9)'
+    >>> ordered_answer("12,9", "Find all $x$.")
+    '12,9'
+    """
+    if not _ORDERED.search(problem) or _UNORDERED.search(problem):
+        return answer
+    from rewards import answer_parts
+
+    parts = answer_parts(answer)
+    return "(" + ", ".join(parts) + ")" if len(parts) > 1 else answer
+
+
 def split_gsm8k_answer(text: str) -> tuple[str, str]:
     """GSM8K's answer field -> (solution, final answer).
 
@@ -220,8 +276,9 @@ def math_records(rows: list[dict], name: str, problem_field: str | None = None, 
                  solution_field: str | None = None) -> list[dict]:
     """Free-form math rows (MATH, MATH-500, AIME, any custom set) -> records.
 
-    Fields are mapped by the *_field arguments or guessed. A missing answer is derived from the last \\boxed{}
-    of the solution; GSM8K-style answers ("... #### 18") are split into solution and final answer.
+    Fields are mapped by the *_field arguments or guessed. A missing answer is derived from the solution's boxes
+    (`solution_answer`); GSM8K-style answers ("... #### 18") are split into solution and final answer. A list
+    answer whose order the problem fixes is written as a tuple (`ordered_answer`).
     """
     if not rows:
         return []
@@ -236,13 +293,14 @@ def math_records(rows: list[dict], name: str, problem_field: str | None = None, 
         answer = _text(row.get(a)) if a else None
         if answer is not None and "####" in answer:  # GSM8K layout
             solution, answer = split_gsm8k_answer(answer)
+        problem = str(row[p])
         if answer is None:
-            answer = last_boxed(solution)
+            answer = solution_answer(solution, problem)
         if answer is None:
             raise DatasetFieldError(f"row {i} of {name} has no answer field and no \\boxed{{}} in its solution")
         records.append({
-            "prompt": math_prompt(str(row[p])),
-            "answer": answer.strip(),
+            "prompt": math_prompt(problem),
+            "answer": ordered_answer(answer.strip(), problem),
             "solution": solution,
             "task": "math",
             "id": str(row[idf]) if idf else f"{name}/{i}",

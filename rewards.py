@@ -120,29 +120,37 @@ def accuracy_reward(completion: str, answer: str) -> float:
 def multiple_choice_reward(completion: str, letter: str) -> float:
     """1.0 if the last letter the completion commits to (`\\boxed{X}` or `Answer: X`) equals `letter`, else 0.0.
 
+    A hedge commits to nothing: boxes of one statement holding different letters (`\\boxed{A} or \\boxed{B}`) or
+    an answer phrase naming two (`Answer: A or B`) are wrong whatever the gold, as a hedge on a math answer is.
+
     >>> multiple_choice_reward("<think>A? no.</think> The answer is (c).", "C")
     1.0
     >>> multiple_choice_reward(r"Answer: B. On reflection, $\\boxed{\\text{D}}$", "B")
     0.0
+    >>> multiple_choice_reward(r"$\\boxed{A}$ or $\\boxed{B}$", "B"), multiple_choice_reward("Answer: (A) or (B)", "B")
+    (0.0, 0.0)
     """
     try:
         gold = str(letter).strip().strip("()").upper()
         if gold not in ("A", "B", "C", "D"):
             return 0.0
         text = strip_thinking(completion)
-        candidates: list[tuple[int, str]] = []  # (position, letter); the last one wins
-        boxed = _last_boxed(text)
-        if boxed is not None and _boxed_letter(boxed[1]):
-            candidates.append((boxed[0], _boxed_letter(boxed[1])))
+        candidates: list[tuple[int, str | None]] = []  # (position, letter or None for a hedge); the last one wins
+        group = _box_group(text)
+        if group is not None:
+            letters = {_boxed_letter(content) for content in group[2]} - {None}
+            if letters:  # several boxes of one statement: one letter (restated), or a hedge
+                candidates.append((group[0], letters.pop() if len(letters) == 1 else None))
         for match in _ANSWER_PHRASE.finditer(text):
             found = match.group(1)
             # "the answer is a prime" is English, not option (a): a lower-case letter must not start a phrase.
             if found.islower() and _FOLLOWED_BY_WORD.match(text, match.end()):
                 continue
-            candidates.append((match.start(), found.upper()))
+            hedged = _SECOND_LETTER.match(text, match.end()) is not None  # "Answer: A or B"
+            candidates.append((match.start(), None if hedged else found.upper()))
         if not candidates:
             return 0.0
-        return 1.0 if max(candidates)[1] == gold else 0.0
+        return 1.0 if max(candidates, key=lambda candidate: candidate[0])[1] == gold else 0.0
     except Exception:
         _count_error()
         return 0.0
@@ -189,6 +197,20 @@ def final_answer(completion: str) -> str | None:
     except Exception:  # total, like every public function here
         _count_error()
         return None
+
+
+def answer_parts(answer: str) -> list[str]:
+    r"""The parts of one answer as the grader reads them: split at top-level commas, semicolons, "and" and "or";
+    a bracketed tuple, interval or set stays one part, and so does digit grouping. [] when there is nothing.
+
+    >>> answer_parts(r"2, 3, \text{ and } 4"), answer_parts("(2, 2); (6, 2)"), answer_parts("10,455")
+    (['2', '3', '4'], ['(2, 2)', '(6, 2)'], ['10,455'])
+    """
+    try:
+        return _split_parts(answer) if isinstance(answer, str) else []
+    except Exception:
+        _count_error()
+        return []
 
 
 def extract_boxed(text: str) -> str | None:
@@ -332,6 +354,14 @@ def _last_boxed(text: str) -> tuple[int, str] | None:
 #    sentence (math-verify's order of priority), however long the text after it. Without either, grading falls back
 #    to math-verify on the last FALLBACK_TAIL_CHARS characters, as before (but a hedge in the closing line, "so it
 #    is 3 or 4", is no answer: math-verify would read its last number).
+# 4. Boxes may also stand apart by the unit word of the first one: "\boxed{1} papers and \boxed{2} bins" answers
+#    "1, 2", as in math-verify. One or two words right after a box, then a separator that joins (a comma, ";", "and",
+#    "or"), and never a word that carries the sentence on ("\boxed{3} is wrong, so \boxed{4}": `_NOT_UNIT`). This
+#    only ever makes a single-valued gold harder to meet ("\boxed{3} apples or \boxed{4} apples" is a hedge), and a
+#    list gold is met only when every part is right.
+# 5. A closing "Final Answer:" sentence of plain prose with no "is" states its one number ("Final Answer: Jane started
+#    growing Sphere 3 hours ago." answers 3), as math-verify reads it. Exactly one number, no relation, no hedge and
+#    no negation in the sentence; anything else there ("4 because 2 + 3 = 5") is still no answer.
 
 # What may stand between two boxes of one statement. `_only_separators` deletes these tokens and checks that nothing
 # but whitespace is left; every quantifier is bounded and it never sees more than MAX_SEPARATOR_CHARS characters.
@@ -355,6 +385,45 @@ def _only_separators(between: str) -> bool:
     (False, False)
     """
     return len(between) <= MAX_SEPARATOR_CHARS and not _SEPARATOR_TOKEN.sub("", between).strip()
+
+
+# Rule 4: the unit words that may follow a box before the separator. Words that carry a sentence on are never units.
+# Before the unit: the end of the box's math ("$", "\)", "}"), then maybe a text command: "$\boxed{1}$ papers",
+# "\boxed{1} \text{ papers".
+_UNIT_START = re.compile(r"(?:\s|\$|\\[)\]]|\}){0,8}(?:\\(?:text|textrm|mathrm|mbox)\s{0,3}\{)?\s{0,3}")
+_UNIT_WORD = re.compile(r"[A-Za-z]{1,15}(?![A-Za-z])\s{0,3}")
+_NOT_UNIT = frozenset(
+    "and or either maybe perhaps possibly so then thus hence therefore but because since as is are was were be been "
+    "not no which that this it its gives give yields we get if when where while with for of to from by at in on the "
+    "a an wrong right correct incorrect also only".split()
+)
+_JOINER = re.compile(r"[,;]|(?<![A-Za-z])(?:and|or)(?![A-Za-z])", re.IGNORECASE)
+_OR_WORD = re.compile(r"(?<![A-Za-z\\])or(?![A-Za-z])", re.IGNORECASE)  # alternatives, not a list
+
+
+def _joins(between: str) -> bool:
+    r"""Do two boxes (or math spans) with `between` between them state one answer? Separators only, or rule 4's
+    unit words followed by a separator that joins.
+
+    >>> _joins(" papers and "), _joins(r" \text{ cm}, "), _joins("$ apples or $"), _joins(r"\) cm and \(")
+    (True, True, True, True)
+    >>> _joins(" is wrong, so "), _joins(" cm, and then "), _joins("$. Apples or $")
+    (False, False, False)
+    """
+    if _only_separators(between):
+        return True
+    i, words = _UNIT_START.match(between).end(), 0
+    while words < 2 and (word := _UNIT_WORD.match(between, i)) and word.group().strip().lower() not in _NOT_UNIT:
+        i, words = word.end(), words + 1
+    rest = between[i:]
+    return words > 0 and _JOINER.search(rest) is not None and _only_separators(rest)
+
+
+class _Parts(list):
+    """The strings of one final answer (one per box or math span), and whether an "or" stood between two of them:
+    "\boxed{1} or \boxed{2}" lists alternatives, never the ordered pair (1, 2)."""
+
+    alternatives = False
 
 
 # "The final answer is $10,455$", "**Final Answer:** 7", "the answers are $1$ and $2$". The `{0,40}?` gap admits
@@ -383,16 +452,18 @@ def _math_spans(text: str, i: int) -> list[str] | None:
     span = _MATH_SPAN.match(text, i)
     if not span:
         return None
-    answers = [next(group for group in span.groups() if group is not None)]
+    answers = _Parts([next(group for group in span.groups() if group is not None)])
     end = span.end()
     while len(answers) <= MAX_PARTS:
         start = _MATH_SPAN_START.search(text, end, end + MAX_SEPARATOR_CHARS + 1)
         following = _MATH_SPAN.match(text, start.start()) if start else None
-        if not following or not _only_separators(text[end : start.start()]):
+        if not following or not _joins(text[end : start.start()]):
             break
+        answers.alternatives |= _OR_WORD.search(text, end, start.start()) is not None
         answers.append(next(group for group in following.groups() if group is not None))
         end = following.end()
-    return [answer.strip() for answer in answers if answer.strip()]
+    answers[:] = [answer.strip() for answer in answers if answer.strip()]
+    return answers
 
 
 def _answer_sentence(text: str, anchor: re.Pattern, pos: int = 0, math_only: bool = False) -> list[str] | None:
@@ -424,7 +495,11 @@ def _answer_sentence(text: str, anchor: re.Pattern, pos: int = 0, math_only: boo
     word = _PROSE_WORD.search(plain)
     if word:
         if _DIGIT.search(plain, word.start()):  # "4 because 2 + 3 = 5", "3, but it could be 4": not one answer
-            return None if math_only else []
+            if math_only:
+                return None
+            # Rule 5: a sentence of prose that states one number, "Jane started growing Sphere 3 hours ago".
+            lone = _lone_number(plain) if word.start() == 0 else None
+            return [lone] if lone else []
         plain = plain[: word.start()] or word.group()  # "5 apples" -> "5"; "Evelyn" stays "Evelyn"
     plain = plain.rstrip(" ,;:")
     if math_only and not _MATHY_START.match(plain):
@@ -432,30 +507,65 @@ def _answer_sentence(text: str, anchor: re.Pattern, pos: int = 0, math_only: boo
     return [plain] if plain else []
 
 
-def _final_answers(text: str) -> list[str] | None:
-    """The final answer of the graded text, as what the model wrote for it (one string per box or per math span);
-    [] when it states an answer that cannot be graded; None when it commits to no answer (see the rules above)."""
+# Rule 5: what a sentence that states one number may not hold besides it: math, a relation, a hedge, a negation,
+# an approximation. `_NUMBER_RUN` counts every number; `_CLEAN_NUMBER` is the one that may be the answer.
+_LONE_BLOCKER = re.compile(
+    r"[=<>^\\{}$]|n't\b|(?<![A-Za-z])(?:not|no|never|cannot|or|maybe|perhaps|possibly|about|approximately|around"
+    r"|nearly|almost|between|either)(?![A-Za-z])",
+    re.IGNORECASE,
+)
+_NUMBER_RUN = re.compile(r"\d+(?:[.,/]\d+)*")
+_CLEAN_NUMBER = re.compile(r"(?<![\w.,/-])-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?(?![\w.,/])")
+
+
+def _lone_number(sentence: str) -> str | None:
+    """The one number a prose sentence states, else None.
+
+    >>> _lone_number("Jane started growing Sphere 3 hours ago"), _lone_number("Rod grew for 8 hours, Sphere for 3")
+    ('3', None)
+    >>> _lone_number("It is not 3"), _lone_number("About 3 hours"), _lone_number("The 3rd one")
+    (None, None, None)
+    """
+    if _LONE_BLOCKER.search(sentence) or len(_NUMBER_RUN.findall(sentence)) != 1:
+        return None
+    found = _CLEAN_NUMBER.findall(sentence)
+    return found[0] if len(found) == 1 else None
+
+
+def _box_group(text: str) -> tuple[int, int, _Parts] | None:
+    """The last box and the boxes joined to it (rule 1, rule 4): (start of the first, end of the last, their
+    contents in order), or None without a box. Multiple choice reads the same group."""
     boxes = _boxes_backwards(text)
     last = next(boxes, None)
     if last is None:
+        return None
+    start, end, content = last
+    contents = _Parts([content])
+    for box_start, box_end, box_content in boxes:  # backwards, while only separators stand between
+        if box_end > start or start - box_end > MAX_SEPARATOR_CHARS or len(contents) > MAX_PARTS:
+            break  # a box nested in the later one, a new statement, or more parts than any answer has
+        between = text[box_end:start]
+        if not _joins(between):
+            break
+        contents.alternatives |= _OR_WORD.search(between) is not None
+        contents.append(box_content)
+        start = box_start
+    contents.reverse()
+    return start, end, contents
+
+
+def _final_answers(text: str) -> list[str] | None:
+    """The final answer of the graded text, as what the model wrote for it (one string per box or per math span);
+    [] when it states an answer that cannot be graded; None when it commits to no answer (see the rules above)."""
+    group = _box_group(text)
+    if group is None:
         for anchor in (_FINAL_ANSWER, _ANSWER_IS):
             answers = _answer_sentence(text, anchor)
             if answers is not None:
                 return answers
         return None
-    start, end, content = last
-    late = _answer_sentence(text, _FINAL_ANSWER, pos=end, math_only=True)
-    if late:
-        return late
-    answers = [content]
-    for box_start, box_end, box_content in boxes:  # backwards, while only separators stand between
-        if box_end > start or start - box_end > MAX_SEPARATOR_CHARS or len(answers) > MAX_PARTS:
-            break  # a box nested in the later one, a new statement, or more parts than any answer has
-        if not _only_separators(text[box_end:start]):
-            break
-        answers.append(box_content)
-        start = box_start
-    return answers[::-1]
+    late = _answer_sentence(text, _FINAL_ANSWER, pos=group[1], math_only=True)
+    return late if late else group[2]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -514,7 +624,32 @@ def _quick_verdict(pred: str, gold: str) -> bool | None:
     p_num, g_num = _as_number(p), _as_number(g)
     if p_num is not None and g_num is not None:
         return p_num == g_num
+    p_clock, g_clock = _clock_minutes(p), _clock_minutes(g)
+    if p_clock is not None and g_clock is not None and (p_clock[1] or g_clock[1]):  # one of them says a.m./p.m.
+        return p_clock[0] == g_clock[0]
     return None
+
+
+_CLOCK = re.compile(r"(\d{1,2}):(\d{2})(?:([ap])\.?m\.?)?", re.IGNORECASE)
+
+
+def _clock_minutes(s: str) -> tuple[int, bool] | None:
+    """A time of day ("20:34", "8:34p.m.", normalised) as (minutes after midnight, whether it said a.m./p.m.), else
+    None. "20:34" and "8:34 p.m." are one time (a MATH solution boxes both); a bare "8:34" is read on the 24-hour
+    clock, so it is not "8:34 p.m.", and two bare times are left to the text ("1:20" may be a ratio).
+
+    >>> _clock_minutes("20:34"), _clock_minutes("8:34p.m"), _clock_minutes("12:05a.m."), _clock_minutes("13:05pm")
+    ((1234, False), (1234, True), (5, True), None)
+    """
+    clock = _CLOCK.fullmatch(s)
+    if not clock:
+        return None
+    hours, minutes, half = int(clock.group(1)), int(clock.group(2)), clock.group(3)
+    if minutes > 59 or hours > 23 or (half and not 1 <= hours <= 12):
+        return None
+    if half:
+        hours = hours % 12 + (12 if half.lower() == "p" else 0)
+    return hours * 60 + minutes, bool(half)
 
 
 # sympy evaluates integer powers and factorials eagerly: "9^{9^{9^9}}" is a few characters and a computation that
@@ -665,6 +800,29 @@ def _set_elements(answer: str) -> list[str] | None:
     return parts if len(parts) > 1 else None
 
 
+_TUPLE_LITERAL = re.compile(r"\s*(?:\\left\s*)?\((.*?)(?:\\right\s*)?\)\s*", re.DOTALL)
+
+
+def _tuple_elements(answer: str) -> list[str] | None:
+    r"""The elements of an answer written as one tuple ("(12, 9)", "\left( 3, \frac{\pi}{2} \right)"), else None:
+    an ordered gold, whose parts must come in its order. The outer parentheses must be one pair: "(1, 2), (3, 4)" is
+    a list of two tuples, not a tuple.
+
+    >>> _tuple_elements("(12, 9)"), _tuple_elements("(1, 2), (3, 4)"), _tuple_elements("((-2,18), (8,38))")
+    (['12', '9'], None, ['(-2,18)', '(8,38)'])
+    """
+    literal = _TUPLE_LITERAL.fullmatch(answer)
+    if not literal:
+        return None
+    depth = 0
+    for char in literal.group(1):  # "[0, 1)" inside: any closing bracket closes, as in `_split_parts`
+        depth += 1 if char in "([" else -1 if char in ")]" else 0
+        if depth < 0:
+            return None
+    parts = _split_parts(literal.group(1)) if depth == 0 else []
+    return parts if len(parts) > 1 else None
+
+
 def _same(pred: str, gold: str) -> bool:
     """One answer against one gold answer: the textual fast path, else sympy through math_verify."""
     pred = pred.strip()
@@ -689,9 +847,14 @@ def _answer_matches(answers: list[str], gold: str) -> bool:
     * A single-valued gold accepts several parts only when every one of them equals it: the same answer boxed
       twice, or in two forms ("-b+2, or 2 - b"). Two different candidates ("\boxed{3} or \boxed{4}" for 3) are a
       hedge, wrong exactly as "\boxed{3, 4}" is. (math-verify agrees: {3, 4} is not 3.)
+    * A gold written as a tuple ("(12, 9)") is ordered: several parts must match its elements one to one, in its
+      order, and not as alternatives ("\boxed{12} or \boxed{9}"). A bare list gold ("12, 9") is a set; data.py
+      writes the gold of a problem that fixes the order ("first write BP, then QT") as a tuple.
     * A gold that repeats a part ("-1, 3, 3": a double root entered twice, as the problem asks) is a multiset:
       the parts must match one to one. math-verify's sets would accept "-1, 3" here; we do not.
     """
+    # "or" between boxes ("\boxed{1} or \boxed{2}") or inside one ("1 \text{ or } 2") names alternatives, not a tuple.
+    alternatives = getattr(answers, "alternatives", False) or any(_OR_WORD.search(answer) for answer in answers)
     answers = [answer.strip() for answer in answers]
     if not answers or sum(map(len, answers)) > MAX_ANSWER_CHARS:
         return False
@@ -704,7 +867,11 @@ def _answer_matches(answers: list[str], gold: str) -> bool:
     if len(gold_parts) == 1:  # a gold written as a set, "\{1, 2, 3\}": its elements are its parts
         gold_parts = _set_elements(gold) or gold_parts
     repeated = len({_normalize(part) for part in gold_parts}) < len(gold_parts)
-    if not repeated and (len(answers) == 1 or len(parts) == 1):
+    ordered = _tuple_elements(gold) if len(gold_parts) == 1 else None  # "(12, 9)": its elements, in order
+    # One box of alternatives for an ordered gold, "\boxed{1 \text{ or } 2}" for (1, 2): math-verify would read it
+    # as the pair; only the part-by-part comparisons below may accept it (restatements).
+    whole = not (ordered and alternatives and len(parts) > 1)
+    if whole and not repeated and (len(answers) == 1 or len(parts) == 1):
         if _same(answers[0] if len(answers) == 1 else parts[0], gold):
             return True
     if len(parts) == 1 and len(gold_parts) == 1:
@@ -713,6 +880,13 @@ def _answer_matches(answers: list[str], gold: str) -> bool:
     if len(gold_parts) == 1:  # restatements only
         if all(time.monotonic() < deadline and _same(part, gold) for part in parts):
             return True
+        # An ordered gold, "(12, 9)" (a pair, a point, a list the problem asks for in order): the parts one to one,
+        # in its order ("\boxed{12} and \boxed{9}", "BP = \boxed{12}, QT = \boxed{9}"; never "9, 12"), as
+        # math-verify compares a tuple.
+        if ordered is not None:
+            return not alternatives and len(parts) == len(ordered) and all(
+                time.monotonic() < deadline and _same(part, element) for part, element in zip(parts, ordered)
+            )
         # "\boxed{2} or \boxed{-2}" for gold "\pm 2": the gold is itself a collection, compare as one.
         return bool(_GOLD_COLLECTION.search(gold)) and _same(", ".join(parts), gold)
     cache: dict[tuple[int, int], bool] = {}
@@ -739,6 +913,21 @@ def _answer_matches(answers: list[str], gold: str) -> bool:
     )
 
 
+def _without_delimiters(gold: str) -> str:
+    r"""A gold written as one math span ("$$\{1,2,3\}$$", "$x \in [-2,7]$", "\(5\)") without its delimiters,
+    which carry no value; "$5$ and $6$" (two spans) and "\$5" (a currency sign) are left alone.
+
+    >>> _without_delimiters("$${1,2,3}$$"), _without_delimiters("$5$ and $6$"), _without_delimiters(r"\[ 7 \]")
+    ('{1,2,3}', '$5$ and $6$', '7')
+    """
+    for opening, closing in (("$$", "$$"), ("$", "$"), ("\\[", "\\]"), ("\\(", "\\)")):
+        inner = gold[len(opening) : -len(closing)]
+        if gold.startswith(opening) and gold.endswith(closing) and len(gold) >= len(opening) + len(closing):
+            if "$" not in inner and opening not in inner and closing not in inner:
+                return inner.strip()
+    return gold
+
+
 def _is_correct(completion: str, answer: str) -> bool:
     if not isinstance(completion, str) or answer is None:
         return False
@@ -746,6 +935,10 @@ def _is_correct(completion: str, answer: str) -> bool:
     # A sentence's period copied into the gold ("\begin{pmatrix} ... \end{pmatrix}.", 5 MATH train answers) is
     # not part of it, and would make math_verify fall back to reading a lone "-1" out of the matrix.
     gold = gold[:-1].rstrip() if gold.endswith(".") and not gold.endswith("..") else gold
+    gold = _without_delimiters(gold)
+    if _BOX_COMMAND.search(gold):  # a worked solution given as the gold: what it answers, read as a completion is
+        stated = _final_answers(strip_thinking(gold))
+        gold = ", ".join(stated) if stated else gold
     if not gold:
         return False  # nothing to compare with: never reward
     text = strip_thinking(completion)
@@ -773,6 +966,11 @@ def _is_correct(completion: str, answer: str) -> bool:
 _ANSWER_PHRASE = re.compile(r"\banswer\s{0,3}(?:is\b|:)[\s*:$]{0,6}(?:\(\s{0,2})?([A-D])(?![A-Za-z0-9])", re.I)
 _BOXED_LETTER = re.compile(r"\(?([A-D])\)?[.:]?", re.I)
 _FOLLOWED_BY_WORD = re.compile(r"\s*[A-Za-z]")
+# A second option right after the first, "Answer: A or B", "the answer is (B), (C)": a hedge. The second letter must
+# be a capital or parenthesised, so that "Answer: A, a fine choice" stays the answer A.
+_SECOND_LETTER = re.compile(
+    r"\s{0,3}\)?\s{0,3}(?:,|/|&|(?i:\bor\b|\band\b))\s{0,3}(?:\(\s{0,2}[A-Da-d]\s{0,2}\)|[A-D](?![A-Za-z0-9]))"
+)
 
 
 def _boxed_letter(content: str) -> str | None:

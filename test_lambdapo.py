@@ -1821,6 +1821,18 @@ def test_rewards_final_answer_joins_the_boxes_of_one_statement():
     assert final_answer("no answer here") is None
 
 
+def test_rewards_final_answer_unit_words_between_boxes_and_a_lone_number():
+    assert final_answer(r"\boxed{1} papers and \boxed{2} bins") == "1, 2"  # a unit word, then a joining separator
+    assert final_answer(r"$\boxed{1}$ papers and $\boxed{2}$ bins") == "1, 2"
+    assert final_answer(r"\boxed{12} \text{ hours and } \boxed{30} minutes") == "12, 30"
+    assert final_answer(r"\boxed{3} is wrong, so \boxed{4}") == "4"  # "is" carries the sentence on: no unit
+    assert final_answer(r"\boxed{5} cm, and the width is \boxed{3}") == "3"  # more than units and separators
+    assert final_answer(r"\boxed{1} no no no no no \boxed{2}") == "2"
+    assert final_answer("Final Answer: Jane started growing Sphere 3 hours ago. I hope it is correct.") == "3"
+    assert final_answer("Final Answer: Rod grew for 8 hours and Sphere for 3 hours.") is None  # two numbers: none
+    assert final_answer("Final Answer: It is not 3 hours.") is None  # after "is": prose, a negation
+
+
 def test_rewards_final_answer_late_sentence_and_no_box():
     late = r"First \boxed{200}, later \boxed{255}. Final Answer: The final answer is $10,455$. I hope it is correct."
     assert final_answer(late) == "10,455"
@@ -1852,6 +1864,23 @@ def test_rewards_final_answer_late_sentence_and_no_box():
         ("3, 4", r"<think>\boxed{3}? or \boxed{5}?</think>The roots are \boxed{3} and \boxed{4}."),
         ("34", "Final Answer: The largest $n$ is 34."),  # the answer after the sentence's "is"
         (r"\{1, 2, 3\}", r"\boxed{1}, \boxed{2} and \boxed{3}"),  # a gold written as a set
+        ("$${1,2,3}$$", r"\boxed{1} and \boxed{2} and \boxed{3}"),  # ... inside display math (math-verify's cases)
+        ("$${1,2,3}$$", r"\boxed{1},\boxed{2},\boxed{3}"),
+        ("$x \\in [-2,7]$", r"\boxed{x \in [-2, 7]}"),  # a gold in one math span: the delimiters carry no value
+        ("3", "Final Answer: Jane started growing Sphere 3 hours ago. I hope it is correct."),  # one number, no "is"
+        ("1, 2", r"\boxed{1} papers and \boxed{2} bins"),  # boxes apart by a unit word are one answer
+        ("12, 30", r"\boxed{12} \text{ hours and } \boxed{30} minutes"),
+        ("4", r"\boxed{3} is wrong, so \boxed{4}"),  # not a unit: two statements, the last box
+        ("12, 9", r"\boxed{9, 12}"),  # a bare list gold is a set ...
+        ("(12, 9)", r"\boxed{12, 9}"),  # ... a tuple gold is ordered: its order, in one box ...
+        ("(12, 9)", r"$BP = \boxed{12}$ and $QT = \boxed{9}$"),  # ... or in several
+        ("((-2,18), (8,38))", r"the points are $\boxed{(-2,18)}$ and $\boxed{(8,38)}$."),
+        ("((-4, 27), (2, 15))", r"\boxed{(-4, 27);(2, 15)}"),
+        ("(1, 2)", r"\boxed{(1, 2)} or \boxed{(1,2)}"),  # a restatement is no hedge
+        (r"8\!:\!34 \text{ p.m.}", r"$\boxed{20\!:\!34}$ or $\boxed{8\!:\!34 \text{ p.m.}}$"),  # one time, two clocks
+        ("8:34 p.m.", r"\boxed{20:34}"),
+        # a worked solution as the gold: graded by what its final statement answers
+        (r"so the solutions are $n = \boxed{1,-2}.$", r"\[ \boxed{-2} \quad \text{and} \quad \boxed{1}. \]"),
     ],
 )
 def test_rewards_accuracy_multi_part_and_late_answers(answer, completion):
@@ -1882,6 +1911,28 @@ def test_rewards_accuracy_multi_part_and_late_answers(answer, completion):
         ("4", "I computed it: 3 or 4"),  # no box, no answer sentence, still a hedge
         (r"\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}.", r"\boxed{-1}"),  # a gold's stray period hid the matrix
         ("5", r"<think>\boxed{5} and \boxed{5}</think>\boxed{6}"),
+        ("$${1,2,3}$$", r"\boxed{1},\boxed{2}"),  # a set gold in display math still wants every element
+        ("$${1,2,3}$$", r"\boxed{1},\boxed{2},\boxed{4}"),
+        ("8", "Final Answer: Jane started growing Sphere 3 hours ago."),  # the one number is not the gold
+        ("3", "Final Answer: Rod grew for 8 hours and Sphere for 3 hours."),  # two numbers: no answer
+        ("3", "Final Answer: Jane did not start 3 hours ago."),  # a negation
+        ("3", "Final Answer: Jane started about 3 hours ago."),  # an approximation
+        ("3", "Final Answer: maybe 3 hours, or 4."),
+        ("2", r"\boxed{1} papers and \boxed{2} bins"),  # joined: a two-valued answer for a single gold
+        ("3", r"\boxed{3} apples or \boxed{4} apples"),  # a hedge with units ...
+        ("4", r"\boxed{3} apples or \boxed{4} apples"),  # ... whichever value the gold is (the last box used to win)
+        ("4", r"So it is $\boxed{3}$ apples or $\boxed{4}$ apples."),  # ... inside math spans too
+        ("1, 2", r"\boxed{1} no no no no no \boxed{2}"),  # words that are no units: two statements
+        ("(12, 9)", r"\boxed{9, 12}"),  # an ordered gold in the wrong order, in one box ...
+        ("(12, 9)", r"\boxed{9} and \boxed{12}"),  # ... or in several
+        ("(12, 9)", r"\boxed{(9, 12)}"),
+        ("(1, 2)", r"\boxed{1 \text{ or } 2}"),  # alternatives are not a pair (math-verify reads this as (1, 2))
+        ("(1, 2)", r"\boxed{(1, 2)} or \boxed{(2, 1)}"),
+        ("((-2,18), (8,38))", r"\boxed{(8,38)} and \boxed{(-2,18)}"),
+        ("(12, 9)", r"\boxed{12}, \boxed{9}, \boxed{9}"),  # a part too many
+        ("8:34 p.m.", r"\boxed{8:34}"),  # a bare time is on the 24-hour clock
+        ("8:34 p.m.", r"\boxed{8:34 \text{ a.m.}}"),
+        (r"\boxed{1} no no no no no \boxed{2}", r"$\boxed{1,2}$"),  # a worked gold answers its final statement: 2
     ],
 )
 def test_rewards_accuracy_hedges_and_wrong_parts_are_zero(answer, completion):
@@ -1942,6 +1993,16 @@ def test_rewards_accuracy_multi_part_works_in_a_thread():
         (r"\boxed{E}", "E", 0.0),  # only A-D exist
         ("Answer: C", "B", 0.0),
         (None, "A", 0.0),
+        (r"$\boxed{A}$ or $\boxed{B}$", "B", 0.0),  # a hedge: wrong whichever letter is gold
+        (r"$\boxed{A}$ or $\boxed{B}$", "A", 0.0),
+        (r"\boxed{A} \text{ and } \boxed{B}", "A", 0.0),
+        (r"\boxed{B} and \boxed{\text{(B)}}", "B", 1.0),  # the same letter twice is no hedge
+        (r"\boxed{C} \quad \boxed{12 \text{ cm}}", "C", 1.0),  # one letter and its value
+        ("Answer: A or B", "B", 0.0),
+        ("Answer: (A) or (B)", "A", 0.0),
+        ("The answer is B, C.", "B", 0.0),
+        ("Answer: A, a fine choice.", "A", 1.0),  # a lower-case word is not a second option
+        (r"\boxed{A} or \boxed{B}. Answer: B", "B", 1.0),  # a later commitment counts, as always
     ],
 )
 def test_rewards_multiple_choice(completion, letter, expected):
@@ -2047,6 +2108,59 @@ def test_math_train_answer_is_last_boxed_with_nested_braces():
     assert data.last_boxed("x \\boxed{a{b}c} y \\fbox{\\sqrt{2}} z") == "\\sqrt{2}"
     assert data.last_boxed("\\boxed{1} then \\boxed{2") == "1"  # an unfinished last box is skipped
     assert data.last_boxed("no box here") is None and data.last_boxed(None) is None
+
+
+# Invented MATH-style rows (no answer field, as on the Hub): the kinds of solution whose last box is not the gold.
+GOLD_ROWS = [
+    # (problem, solution, the gold data.py must derive)
+    ("Find all points where the parabolas meet.",
+     r"So the points are $\boxed{(-2,18)}$ and $\boxed{(8,38)}$.", "(-2,18), (8,38)"),
+    ("Find all $t$ such that $x-t$ is a factor. Enter your answer as a list separated by commas.",
+     r"Hence $t = \boxed{\frac{1}{3}}$ or $t = \boxed{-\frac{5}{2}}$.", r"\frac{1}{3}, -\frac{5}{2}"),
+    ("Enter the two smallest solutions, separated by commas.",
+     r"but $k = \boxed{12}$ and $k = \boxed{18}$ work", "12, 18"),
+    ("What is $N$, expressed in base 9?", r"Written in base $9$, this is $\boxed{28}$ or $\boxed{28_9}$.", "28_9"),
+    ("What time will it be in 1234 minutes?", r"It will be $\boxed{20\!:\!34}$ or $\boxed{8\!:\!34 \text{ p.m.}}$.",
+     r"8\!:\!34 \text{ p.m.}"),
+    ("What is my final expression in simplest form?", r"This yields $\boxed{-b+2}$, or $\boxed{2 - b}$.", "2 - b"),
+    ("Find all $x$. Enter all the solutions, separated by commas.", r"So $x = \boxed{1, 9}$.", "1, 9"),
+    ("Find the lengths of $BP$ and $QT$. First write the length of $BP$, then a comma, then the length of $QT$.",
+     r"Our final answer is then $\boxed{12,9}$.", "(12, 9)"),
+    ("Give all points where they intersect. List the points in order of increasing $x$-coordinate.",
+     r"the points of intersection are $\boxed{(-2, 23)}$ and $\boxed{(0, 1)}$.", "((-2, 23), (0, 1))"),
+    ("List the values in increasing order separated by commas.", r"undefined at $\boxed{-2, 2}$", "(-2, 2)"),
+    ("Enter the values $a,$ $b,$ $c,$ separated by commas, in any order.", r"so $\boxed{1,i,-i}$", "1,i,-i"),
+    ("If $\cos a,$ $\cos 2a,$ $\cos 3a$ form an arithmetic sequence, in that order, enter all solutions.",
+     r"so $\boxed{45^\circ, 135^\circ}$", r"45^\circ, 135^\circ"),
+]
+
+
+@pytest.mark.parametrize("problem, solution, gold", GOLD_ROWS)
+def test_math_gold_from_the_solution_and_the_problem(problem, solution, gold):
+    (record,) = data.math_records([{"problem": problem, "solution": solution}], "gold")
+    assert record["answer"] == gold
+    assert accuracy_reward(solution, record["answer"]) == 1.0  # a reference solution is right against its own gold
+
+
+def test_math_gold_kept_when_the_problem_asks_for_one_answer():
+    # "Enter only one of the foci": the last box stays the gold (MATH's own), and the solution that boxes both
+    # foci is a hedge against it. The one MATH train solution of this kind is the one that grades wrong.
+    problem = "Find the coordinates of either of them. (Enter only one of the foci, not both.)"
+    solution = r"which gives two points: $\boxed{(-5, 7)}$ and $\boxed{(-5, 1)}.$ (Either point is acceptable.)"
+    (record,) = data.math_records([{"problem": problem, "solution": solution}], "gold")
+    assert record["answer"] == "(-5, 1)"
+    assert accuracy_reward(r"\boxed{(-5, 1)}", record["answer"]) == 1.0 and accuracy_reward(solution, "(-5, 1)") == 0.0
+
+
+def test_math_gold_given_answers_are_ordered_by_the_problem_too():
+    rows = [{"problem": "List Trisha's five test scores from the greatest to the least, separated by commas.",
+             "answer": "89, 88, 85, 73, 70"},
+            {"problem": "Enter all the solutions, separated by commas.", "answer": "8,1,-1,-8"}]
+    ordered, unordered = data.math_records(rows, "given")
+    assert ordered["answer"] == "(89, 88, 85, 73, 70)" and unordered["answer"] == "8,1,-1,-8"
+    assert accuracy_reward(r"\boxed{89, 88, 85, 73, 70}", ordered["answer"]) == 1.0
+    assert accuracy_reward(r"\boxed{70, 73, 85, 88, 89}", ordered["answer"]) == 0.0  # the order is the answer
+    assert accuracy_reward(r"\boxed{-8, -1, 1, 8}", unordered["answer"]) == 1.0  # a set of solutions
 
 
 def test_gpqa_shuffle_deterministic_and_letter_points_at_correct_option():
