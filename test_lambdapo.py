@@ -1351,9 +1351,9 @@ def test_compiled_engine_compiles_once_per_bucket_over_20_rollouts(tiny):
         reference = rollout.generate(model, tokenizer, prompts, 2, sampling, engine=eager)
         assert torch.equal(compiled.completion_ids, reference.completion_ids)
         assert compiled.completions == reference.completions
-    buckets = engine.compiled_shapes
-    assert {batch for batch, _ in buckets} <= {4, 8}                      # 4 or 6 rows → 4 or 8
-    assert {length - 8 for _, length in buckets} <= {64}                  # every width ≤ 64 → one prompt bucket
+    buckets = engine.compiled_shapes                                      # (batch, cache length, attended length)
+    assert {batch for batch, _, _ in buckets} <= {4, 8}                   # 4 or 6 rows → 4 or 8
+    assert {length - 8 for _, length, _ in buckets} <= {64}               # every width ≤ 64 → one prompt bucket
     graphs_per_compile = len(counter.graphs) / max(len(set(counter.graphs)), 1)
     assert len(set(counter.graphs)) <= len(buckets) * graphs_per_compile  # no shape compiled twice
     assert len(counter.graphs) == len(set(counter.graphs))
@@ -1372,16 +1372,94 @@ def test_compiled_engine_reuses_one_cache_per_bucket(tiny):
     assert not engine._caches
 
 
-def test_compiled_engine_fallback_to_eager_is_visible(tiny, monkeypatch):
+def test_compiled_engine_fallback_to_eager_is_visible(tiny):
     torch._dynamo.reset()
     model, tokenizer = tiny
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    engine = FastGenerator(model, compile=True, backend=GraphCounter())
+    engine = FastGenerator(model, compile=True, backend=GraphCounter(), max_compiled_shapes=1)
     sampling = rollout.SamplingConfig(max_new_tokens=4, do_sample=False)
-    rollout.generate(model, tokenizer, ["1+2="], 2, sampling, engine=engine)            # bucket (2, 68)
-    with pytest.warns(UserWarning, match="recompile limit"):
-        rollout.generate(model, tokenizer, ["1+2=", "3+4=", "5+6="], 2, sampling, engine=engine)   # (8, 68)
+    rollout.generate(model, tokenizer, ["1+2="], 2, sampling, engine=engine)            # bucket (2, 68, 68)
+    with pytest.warns(UserWarning, match="compile budget"):
+        rollout.generate(model, tokenizer, ["1+2=", "3+4=", "5+6="], 2, sampling, engine=engine)   # (8, 68, 68)
     assert engine.eager_fallbacks == 1
+
+
+class AttentionRecorder:
+    """A torch.compile backend that records, for every scaled_dot_product_attention of the traced graph, the
+    shapes of its query and key, and every op name; it runs the graph as traced."""
+    def __init__(self):
+        self.attention, self.ops = [], set()
+
+    def __call__(self, graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            if node.op in ("call_function", "call_method"):
+                self.ops.add(getattr(node.target, "__name__", str(node.target)))
+            if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
+                query, key, value = (node.args[i].meta["example_value"] for i in range(3))
+                self.attention.append((tuple(query.shape), tuple(key.shape), tuple(value.shape)))
+        return graph_module.forward
+
+
+def test_compiled_decode_step_reads_each_kv_head_once_over_the_written_slots(tiny):
+    """The compiled decode step attends with K/V at the key/value heads (2 of the tiny model's 4 query heads:
+    no repeat_kv copy to 4) and over the slots written so far in kv_block buckets (80, 96, 104 of a 104-slot
+    cache: 64-wide prompt bucket + 40 new tokens), not the whole cache; greedy tokens equal `generate`'s."""
+    torch._dynamo.reset()
+    model, tokenizer = tiny
+    config = model.config
+    recorder = AttentionRecorder()
+    engine = FastGenerator(model, compile=True, backend=recorder, kv_block=16)
+    sampling = rollout.SamplingConfig(max_new_tokens=40, do_sample=False)
+    prompts = ["1+2=", "345+678="]
+    fast = rollout.generate(model, tokenizer, prompts, 2, sampling, engine=engine)
+    plain = rollout.generate(model, tokenizer, prompts, 2, sampling)
+    assert torch.equal(fast.completion_ids, plain.completion_ids) and fast.completions == plain.completions
+    assert config.num_key_value_heads < config.num_attention_heads          # the model has grouped-query attention
+    assert recorder.attention, "no attention in the compiled decode step"
+    for query, key, value in recorder.attention:
+        assert key[1] == value[1] == config.num_key_value_heads, (query, key)  # no expansion to the query heads
+        assert query[1] * query[2] == config.num_attention_heads              # query heads folded onto K/V heads
+    assert {key[2] for _, key, _ in recorder.attention} == {80, 96, 104}     # attended lengths grow in buckets
+    assert "expand" not in recorder.ops and "repeat_interleave" not in recorder.ops
+    assert engine.compiled_shapes == {(4, 104, 80), (4, 104, 96), (4, 104, 104)} and engine.eager_fallbacks == 0
+    assert config._attn_implementation == "sdpa"                           # the policy's own setting is back
+
+
+@pytest.mark.parametrize("kv_block", [1, 16])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_engine_attention_buckets_change_no_greedy_token(tiny, kv_block, attention):
+    """Eager decoding through the engine's attention, at any bucket size, gives `generate`'s greedy tokens;
+    a model on another attention implementation keeps it (and attends to the whole cache)."""
+    model, tokenizer = tiny
+    model.config._attn_implementation = attention
+    try:
+        prompts = ["1+2=", "345+678=", "9+9="]
+        sampling = rollout.SamplingConfig(max_new_tokens=24, do_sample=False)
+        plain = rollout.generate(model, tokenizer, prompts, 2, sampling)
+        fast = rollout.generate(model, tokenizer, prompts, 2, sampling, engine=FastGenerator(model, kv_block=kv_block))
+        assert torch.equal(fast.completion_ids, plain.completion_ids)
+        assert model.config._attn_implementation == attention
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
+def test_engine_is_freed_without_the_garbage_collector(tiny):
+    """No reference cycle: once dropped, a used (compiled) engine and its KV cache are freed at once, so
+    memory measured after the rollout (bench.py's update) does not include them."""
+    import gc
+    import weakref
+    torch._dynamo.reset()
+    model, tokenizer = tiny
+    engine = FastGenerator(model, compile=True, backend=GraphCounter())
+    rollout.generate(model, tokenizer, ["1+2="], 2, rollout.SamplingConfig(max_new_tokens=4), engine=engine)
+    (_, cache), = engine._caches.values()
+    engine_ref, cache_ref = weakref.ref(engine), weakref.ref(cache)
+    gc.collect()                  # only the compiler's own tracing leftovers: engine and cache are still referenced
+    gc.disable()
+    try:
+        del engine, cache
+        assert engine_ref() is None and cache_ref() is None
+    finally:
+        gc.enable()
 
 
 def test_mini_batches_are_exactly_as_many_as_asked_and_lr_is_this_steps(tiny_model_dir, tmp_path):
