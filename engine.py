@@ -49,6 +49,21 @@ def _power_of_two_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+KV_BLOCK = 256            # attended-length bucket of the decode step, in cache slots (FastGenerator's kv_block)
+MIN_PROMPT_BUCKET = 64    # the narrowest prompt bucket when compiling (FastGenerator's min_prompt_bucket)
+
+
+def cache_shape(rows: int, prompt_tokens: int, max_new_tokens: int,
+                min_prompt_bucket: int = MIN_PROMPT_BUCKET) -> tuple[int, int]:
+    """(batch, slots) of the static cache the compiled engine allocates for `rows` prompts of at most
+    `prompt_tokens` tokens: both rounded up as `decode` does (train.py's memory estimate reads it here).
+
+    >>> cache_shape(100, 400, 1024)
+    (128, 1536)
+    """
+    return _power_of_two_at_least(rows), max(_power_of_two_at_least(prompt_tokens), min_prompt_bucket) + max_new_tokens
+
+
 def _cache_argument_name(model) -> str:
     """transformers renamed the KV-cache argument `past_key_values` to `cache` (5.2x); an unknown keyword
     would be swallowed by **kwargs and decoding would silently run without a cache, so ask the class."""
@@ -164,7 +179,7 @@ class FastGenerator:
     """
 
     def __init__(self, policy, compile: bool = False, check_every: int = 16, backend=None,
-                 min_prompt_bucket: int = 64, max_cached_shapes: int = 1, kv_block: int = 256,
+                 min_prompt_bucket: int = MIN_PROMPT_BUCKET, max_cached_shapes: int = 1, kv_block: int = KV_BLOCK,
                  max_compiled_shapes: int = 32):
         device = next(policy.parameters()).device
         self.policy = policy
