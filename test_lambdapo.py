@@ -1569,6 +1569,15 @@ def test_bench_tiny_reports_every_phase(capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result     # JSON on the last line
 
 
+def test_bench_has_the_llm_presets_rollout_shape():
+    """`bench.py --workload preset` is train.py's LLM rollout batch: 128 rows, prompts up to 512 tokens, 1,024
+    new tokens (where decode attention over long caches shows; the small default hides it)."""
+    import bench
+    import train
+    preset = train.PRESETS["llm"]
+    assert bench.WORKLOADS["preset"]["cuda"] == (preset["generation_batch_size"], 512, preset["max_new_tokens"])
+
+
 def test_pass_at_k_unbiased_estimator():
     import eval as evaluation
     assert evaluation.pass_at_k(10, 0, 1) == 0.0
