@@ -8,6 +8,8 @@
                                                      # folder TOK (else the toy one), for `train.py --model DIR`
                                                      # / `eval.py --model DIR` offline
     python bench.py --shape qwen3-1.7b --lora_rank 16 --gradient_checkpointing   # LoRA: bf16 base, fp32 adapters
+    python bench.py --shape qwen3-1.7b --attention --num_sequences 16 --prompt_len 512 --max_new_tokens 1024
+                                                     # one layer's decode attention: K/V copy vs the engine's
     python bench.py --shape qwen3-1.7b --workload preset --gradient_checkpointing --keep_engine
                                                      # train.py's LLM preset: 128 rows × (512 + 1,024) tokens,
                                                      # the engine kept through the update as train.py keeps it
@@ -124,6 +126,45 @@ def engine_checks(model, generation_model, engine, prompts, prompt_mask, T) -> d
             "check_greedy_tokens_before_divergence": round(first_divergence.float().mean().item() / new, 3)}
 
 
+def attention_step_ms(shape: dict, B: int, P: int, T: int, device, every: int = 16) -> dict:
+    """One layer's decode attention, milliseconds per step averaged over every `every`-th of T steps after a
+    P-token prompt, three ways: the compiled transformers path (K/V copied to the query heads by repeat_kv,
+    SDPA over every cache slot), the engine's folded query over every slot, and the engine's attention over the
+    attended-length buckets (engine.decode_attention). Random K/V in the model's heads; float32 on CPU."""
+    import types
+    from transformers.integrations.sdpa_attention import repeat_kv
+    from engine import KV_BLOCK, attended_length, decode_attention
+    heads, kv_heads, head_dim = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    slots, groups = P + T, heads // kv_heads
+    torch.manual_seed(0)
+    key, value = (torch.randn(B, kv_heads, slots, head_dim, device=device, dtype=dtype) for _ in range(2))
+    query = torch.randn(B, heads, 1, head_dim, device=device, dtype=dtype)
+    module = types.SimpleNamespace(num_key_value_groups=groups)
+    scale = head_dim ** -0.5
+
+    def mask(position, length):                            # (B, 1, 1, length): the written slots
+        return (torch.arange(length, device=device) <= position).expand(B, 1, 1, length)
+
+    def repeated(position):
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask(position, slots), scale=scale)
+
+    ways = {"attention_repeat_kv_all_slots_ms": repeated,
+            "attention_folded_all_slots_ms": lambda p: decode_attention(module, query, key, value, mask(p, slots),
+                                                                        scaling=scale)[0],
+            "attention_engine_ms": lambda p: decode_attention(module, query, key, value,
+                                                              mask(p, attended_length(p, slots, KV_BLOCK)),
+                                                              scaling=scale)[0]}
+    positions = range(P, P + T, every)
+    result = {}
+    for name, attend in ways.items():
+        attend(P)                                                              # warm-up
+        _, seconds = timed(lambda: [attend(p) for p in positions], device)
+        result[name] = round(seconds / len(positions) * 1e3, 3)
+    return result
+
+
 def memory_estimate(model, args, B: int, P: int, T: int, on_gpu: bool) -> dict:
     """train.py's start-up estimate for this shape: one generation batch of B rows, the engine's bf16 copy, no
     reference, the update in micro-batches of args.micro_batch_size."""
@@ -146,6 +187,8 @@ def main(argv=None):
     parser.add_argument("--num_sequences", type=int, default=None, help="completions per rollout (default: the workload's)")
     parser.add_argument("--prompt_len", type=int, default=None, help="prompt tokens (default: the workload's)")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="completion tokens (default: the workload's)")
+    parser.add_argument("--attention", action="store_true", help="only time one layer's decode attention, three "
+                        "ways (K/V copied to the query heads vs the engine's), at the shape's heads, and exit")
     parser.add_argument("--keep_engine", action="store_true", help="keep the engine (KV cache, bf16 copy, CUDA "
                         "graphs) through the update, as train.py does")
     parser.add_argument("--micro_batch_size", type=int, default=8, help="sequences per forward/backward in the update")
@@ -167,6 +210,13 @@ def main(argv=None):
     on_gpu = device.type == "cuda"
     rows, prompt_tokens, new_tokens = WORKLOADS[args.workload]["cuda" if on_gpu else "cpu"]
     B, P, T = args.num_sequences or rows, args.prompt_len or prompt_tokens, args.max_new_tokens or new_tokens
+    if args.attention:
+        shape = SHAPES.get(args.shape, toy.MODEL_SHAPE)
+        result = {"device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
+                  "shape": args.shape, "num_sequences": B, "prompt_len": P, "max_new_tokens": T,
+                  "torch": torch.__version__, **attention_step_ms(shape, B, P, T, device)}
+        print(json.dumps(result))
+        return result
     model, tokenizer, label = build(args.shape, args.model, device, args.tokenizer)
     if args.save:
         # The model's own EOS ids (Qwen3: <|im_end|> ends a chat turn) plus the tokenizer's.

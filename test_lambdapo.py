@@ -1578,6 +1578,14 @@ def test_bench_has_the_llm_presets_rollout_shape():
     assert bench.WORKLOADS["preset"]["cuda"] == (preset["generation_batch_size"], 512, preset["max_new_tokens"])
 
 
+def test_bench_times_decode_attention_both_ways():
+    import bench
+    result = bench.main(["--shape", "tiny", "--attention", "--num_sequences", "2", "--prompt_len", "8",
+                         "--max_new_tokens", "16"])
+    assert all(result[k] > 0 for k in ("attention_repeat_kv_all_slots_ms", "attention_folded_all_slots_ms",
+                                       "attention_engine_ms"))
+
+
 def test_pass_at_k_unbiased_estimator():
     import eval as evaluation
     assert evaluation.pass_at_k(10, 0, 1) == 0.0

@@ -594,9 +594,14 @@ def setup(config: Config, log=tqdm.write) -> Setup:
     # None: model.generate (with LoRA through peft, adapter-aware); LoRA's fast engine samples from a merged copy
     engine = (make_lora_engine if lora else make_engine)(config.rollout_engine, policy, compile=config.compile_rollout)
     params, trainable_params = parameter_counts(policy)
+    estimate = memory_estimate_gib(policy, config, reference is not None, device.type == "cuda", engine is not None)
     log(f"Policy: {config.model} on {device}" + (f", LoRA rank {config.lora_rank}: {trainable_params:,} of {params:,} "
         f"parameters trainable ({100 * trainable_params / params:.2f}%)" if lora else "") + "; memory estimate (GiB): "
-        f"{memory_estimate_gib(policy, config, reference is not None, device.type == 'cuda', engine is not None)}")
+        f"{estimate}")
+    if device.type == "cuda" and estimate["peak_gib"] > torch.cuda.get_device_properties(device).total_memory / 2 ** 30:
+        log(f"Warning: the estimated peak, {estimate['peak_gib']} GiB, exceeds this GPU's "
+            f"{torch.cuda.get_device_properties(device).total_memory / 2 ** 30:.1f} GiB; lower it with --lora_rank, "
+            "--generation_batch_size or --micro_batch_size (docs/real-run.md, Memory)")
     template_kwargs = {"enable_thinking": config.enable_thinking} if "qwen3" in config.model.lower() or \
         "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "") else {}
     return Setup(out_dir=out_dir, device=device, autocast_dtype=autocast_dtype, records=records,
