@@ -4,6 +4,7 @@ CUDA-graph-captured on a GPU), sampling on the device from exactly softmax(logit
     FastGenerator(policy, compile)          rollout.generate(..., engine=...) decodes through it
     MergedLoraGenerator(peft_policy)        the same loop on a merged copy W + (α / r) B A of a LoRA policy
     make_engine / make_lora_engine          `--rollout_engine fast|plain|auto` → an engine or None (model.generate)
+    decode_attention                        its attention: K/V read once at their own heads, over the written slots
 
 rollout.py is the whole story of a rollout without this file: `model.generate` is the plain path (the
 reference, and the CPU default). This file exists because on a GPU `generate`'s per-token bookkeeping
