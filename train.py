@@ -385,7 +385,7 @@ def memory_estimate_gib(policy, config: Config, has_reference: bool, on_gpu: boo
     if config.lora_rank:
         estimate["trainable_share"] = round(trainable / params, 4)
         estimate["frozen_base"] = (params - trainable) * (2 if on_gpu else 4) / gib
-        estimate["adapters_weights_grads_adamw"] = trainable * 16 / gib
+        estimate["adapters_grads_adam"] = trainable * 16 / gib
     else:
         estimate["weights"] = params * 4 / gib
         estimate["gradients"] = params * 4 / gib
