@@ -8,6 +8,11 @@
                                                      # folder TOK (else the toy one), for `train.py --model DIR`
                                                      # / `eval.py --model DIR` offline
     python bench.py --shape qwen3-1.7b --lora_rank 16 --gradient_checkpointing   # LoRA: bf16 base, fp32 adapters
+    python bench.py --shape qwen3-1.7b --attention --num_sequences 16 --prompt_len 512 --max_new_tokens 1024
+                                                     # one layer's decode attention: K/V copy vs the engine's
+    python bench.py --shape qwen3-1.7b --workload preset --gradient_checkpointing --keep_engine
+                                                     # train.py's LLM preset: 128 rows × (512 + 1,024) tokens,
+                                                     # the engine kept through the update as train.py keeps it
 
 What is measured (tokens are completion tokens unless named otherwise):
 - rollout/plain:  `model.generate` with sampling, every sequence forced to `max_new_tokens`.
@@ -17,7 +22,11 @@ What is measured (tokens are completion tokens unless named otherwise):
 - logprobs:       rollout.token_logprobs without grad (the old/reference log-probs of a step).
 - update:         forward + backward + AdamW step, float32 master weights, bf16 autocast on CUDA,
                   micro-batched, optional gradient checkpointing; tokens/s and model FLOP utilisation.
-- peak memory:    torch.cuda.max_memory_allocated (GPU) or the process's peak RSS (CPU).
+- peak memory:    torch.cuda.max_memory_allocated (GPU) or the process's peak RSS (CPU); on GPU also per phase
+                  (rollout, update). Before the update the engine is dropped (it holds no reference cycle, so its
+                  KV cache and bf16 copy go at once) and dynamo's caches, which hold the CUDA-graph pool, are reset;
+                  with --keep_engine all of it stays, as in train.py, and the update's peak compares with
+                  train.py's start-up estimate for the same shape, printed as memory_estimate.
 - checks (GPU):   the engine's sampling log-probs against token_logprobs of the float32 policy under bf16
                   autocast (mean / max |Δ| over completion tokens: how off-policy the bf16 sampler is), and
                   greedy agreement of the engine with `generate` (share of identical tokens before the first
@@ -29,6 +38,8 @@ One JSON object is printed on the last line of stdout; nothing is cached, every 
 """
 
 import argparse
+import dataclasses
+import gc
 import json
 import platform
 import resource
@@ -49,6 +60,11 @@ QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, n
                   pad_token_id=151643, bos_token_id=151643)
 QWEN3_4B = dict(QWEN3_1_7B, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32)
 SHAPES = {"qwen3-1.7b": QWEN3_1_7B, "qwen3-4b": QWEN3_4B}
+# (rows, prompt tokens, new tokens) of one rollout batch. "small" hides what only long caches show (attention
+# traffic grows with the cache); "preset" is train.py's LLM preset: a 128-row generation batch, prompts up to
+# 512 tokens, 1,024 new tokens.
+WORKLOADS = {"small": {"cuda": (64, 256, 512), "cpu": (16, 16, 32)}, "preset": {"cuda": (128, 512, 1024),
+                                                                               "cpu": (128, 512, 1024)}}
 
 
 def build(shape: str, model_path: str | None, device: torch.device, tokenizer_path: str | None = None):
@@ -110,13 +126,71 @@ def engine_checks(model, generation_model, engine, prompts, prompt_mask, T) -> d
             "check_greedy_tokens_before_divergence": round(first_divergence.float().mean().item() / new, 3)}
 
 
+def attention_step_ms(shape: dict, B: int, P: int, T: int, device, every: int = 16) -> dict:
+    """One layer's decode attention, milliseconds per step averaged over every `every`-th of T steps after a
+    P-token prompt, three ways: the compiled transformers path (K/V copied to the query heads by repeat_kv,
+    SDPA over every cache slot), the engine's folded query over every slot, and the engine's attention over the
+    attended-length buckets (engine.decode_attention). Random K/V in the model's heads; float32 on CPU."""
+    import types
+    from transformers.integrations.sdpa_attention import repeat_kv
+    from engine import KV_BLOCK, attended_length, decode_attention
+    heads, kv_heads, head_dim = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    slots, groups = P + T, heads // kv_heads
+    torch.manual_seed(0)
+    key, value = (torch.randn(B, kv_heads, slots, head_dim, device=device, dtype=dtype) for _ in range(2))
+    query = torch.randn(B, heads, 1, head_dim, device=device, dtype=dtype)
+    module = types.SimpleNamespace(num_key_value_groups=groups)
+    scale = head_dim ** -0.5
+
+    def mask(position, length):                            # (B, 1, 1, length): the written slots
+        return (torch.arange(length, device=device) <= position).expand(B, 1, 1, length)
+
+    def repeated(position):
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask(position, slots), scale=scale)
+
+    ways = {"attention_repeat_kv_all_slots_ms": repeated,
+            "attention_folded_all_slots_ms": lambda p: decode_attention(module, query, key, value, mask(p, slots),
+                                                                        scaling=scale)[0],
+            "attention_engine_ms": lambda p: decode_attention(module, query, key, value,
+                                                              mask(p, attended_length(p, slots, KV_BLOCK)),
+                                                              scaling=scale)[0]}
+    positions = range(P, P + T, every)
+    result = {}
+    for name, attend in ways.items():
+        attend(P)                                                              # warm-up
+        _, seconds = timed(lambda: [attend(p) for p in positions], device)
+        result[name] = round(seconds / len(positions) * 1e3, 3)
+    return result
+
+
+def memory_estimate(model, args, B: int, P: int, T: int, on_gpu: bool) -> dict:
+    """train.py's start-up estimate for this shape: one generation batch of B rows, the engine's bf16 copy, no
+    reference, the update in micro-batches of args.micro_batch_size."""
+    import train
+    config = dataclasses.replace(train.parse_config(["--model", "bench"]), generation_batch_size=B,
+                                 prompts_per_step=B, group_size=1, max_new_tokens=T, eval_max_new_tokens=None,
+                                 micro_batch_size=args.micro_batch_size, lora_rank=args.lora_rank,
+                                 gradient_checkpointing=args.gradient_checkpointing, compile_rollout=args.compile)
+    return train.memory_estimate_gib(model, config, has_reference=False, on_gpu=on_gpu, has_generation_copy=True,
+                                     prompt_tokens=P)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES], help="built-in model shape (random weights)")
     parser.add_argument("--model", default=None, help="measure this save_pretrained folder instead of a built-in shape")
-    parser.add_argument("--num_sequences", type=int, default=None, help="completions per rollout (default 64 GPU, 16 CPU)")
-    parser.add_argument("--prompt_len", type=int, default=None, help="prompt tokens (default 256 GPU, 16 CPU)")
-    parser.add_argument("--max_new_tokens", type=int, default=None, help="completion tokens (default 512 GPU, 32 CPU)")
+    parser.add_argument("--workload", default="small", choices=list(WORKLOADS),
+                        help="rows × prompt + new tokens: small (64 × 256 + 512 GPU, 16 × 16 + 32 CPU) or preset "
+                             "(train.py's LLM preset, 128 × 512 + 1,024; GPU-sized)")
+    parser.add_argument("--num_sequences", type=int, default=None, help="completions per rollout (default: the workload's)")
+    parser.add_argument("--prompt_len", type=int, default=None, help="prompt tokens (default: the workload's)")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="completion tokens (default: the workload's)")
+    parser.add_argument("--attention", action="store_true", help="only time one layer's decode attention, three "
+                        "ways (K/V copied to the query heads vs the engine's), at the shape's heads, and exit")
+    parser.add_argument("--keep_engine", action="store_true", help="keep the engine (KV cache, bf16 copy, CUDA "
+                        "graphs) through the update, as train.py does")
     parser.add_argument("--micro_batch_size", type=int, default=8, help="sequences per forward/backward in the update")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--static", action=argparse.BooleanOptionalAction, default=None,
@@ -134,9 +208,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
-    B = args.num_sequences or (64 if on_gpu else 16)
-    P = args.prompt_len or (256 if on_gpu else 16)
-    T = args.max_new_tokens or (512 if on_gpu else 32)
+    rows, prompt_tokens, new_tokens = WORKLOADS[args.workload]["cuda" if on_gpu else "cpu"]
+    B, P, T = args.num_sequences or rows, args.prompt_len or prompt_tokens, args.max_new_tokens or new_tokens
+    if args.attention:
+        shape = SHAPES.get(args.shape, toy.MODEL_SHAPE)
+        result = {"device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
+                  "shape": args.shape, "num_sequences": B, "prompt_len": P, "max_new_tokens": T,
+                  "torch": torch.__version__, **attention_step_ms(shape, B, P, T, device)}
+        print(json.dumps(result))
+        return result
     model, tokenizer, label = build(args.shape, args.model, device, args.tokenizer)
     if args.save:
         # The model's own EOS ids (Qwen3: <|im_end|> ends a chat turn) plus the tokenizer's.
@@ -202,10 +282,17 @@ def main(argv=None):
                                                    result["rollout_static_tokens_per_s"], 2)
     if on_gpu and args.check:
         result.update(engine_checks(model, generation_model, engine, prompts, prompt_mask, T))
-    engine = None                                   # free the bf16 copy before the update
+    result["memory_estimate"] = memory_estimate(model, args, B, P, T, on_gpu)
     if on_gpu:
-        del generation_model
-        torch.cuda.empty_cache()
+        result["peak_memory_rollout_gib"] = round(peak_memory_gib(device), 2)
+    if not args.keep_engine:        # free the KV cache, the bf16 copy and the CUDA-graph pool before the update
+        engine = generation_model = None
+        gc.collect()                # (the compiler's own tracing leftovers; the engine itself has no cycle)
+        torch._dynamo.reset()       # dynamo's code caches hold the compiled steps and their CUDA-graph pool
+        if on_gpu:
+            torch.cuda.empty_cache()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     input_ids = output[:, : P + T]
     attention_mask = torch.ones_like(input_ids)
     completion_mask = torch.ones(B, T, dtype=torch.long, device=device)
@@ -241,7 +328,11 @@ def main(argv=None):
         peak = {"H100": 989e12, "H200": 989e12}.get(next((k for k in ("H100", "H200") if k in result["device"]), ""), None)
         if peak:
             result["update_mfu"] = round(flops / seconds / peak, 3)
-    result["peak_memory_gib"] = round(peak_memory_gib(device), 2)
+    if on_gpu:
+        result["peak_memory_update_gib"] = round(peak_memory_gib(device), 2)
+        result["peak_memory_gib"] = max(result["peak_memory_rollout_gib"], result["peak_memory_update_gib"])
+    else:
+        result["peak_memory_gib"] = round(peak_memory_gib(device), 2)
     print(json.dumps(result))
     return result
 

@@ -1415,9 +1415,9 @@ def test_compiled_engine_compiles_once_per_bucket_over_20_rollouts(tiny):
         reference = rollout.generate(model, tokenizer, prompts, 2, sampling, engine=eager)
         assert torch.equal(compiled.completion_ids, reference.completion_ids)
         assert compiled.completions == reference.completions
-    buckets = engine.compiled_shapes
-    assert {batch for batch, _ in buckets} <= {4, 8}                      # 4 or 6 rows → 4 or 8
-    assert {length - 8 for _, length in buckets} <= {64}                  # every width ≤ 64 → one prompt bucket
+    buckets = engine.compiled_shapes                                      # (batch, cache length, attended length)
+    assert {batch for batch, _, _ in buckets} <= {4, 8}                   # 4 or 6 rows → 4 or 8
+    assert {length - 8 for _, length, _ in buckets} <= {64}               # every width ≤ 64 → one prompt bucket
     graphs_per_compile = len(counter.graphs) / max(len(set(counter.graphs)), 1)
     assert len(set(counter.graphs)) <= len(buckets) * graphs_per_compile  # no shape compiled twice
     assert len(counter.graphs) == len(set(counter.graphs))
@@ -1436,16 +1436,94 @@ def test_compiled_engine_reuses_one_cache_per_bucket(tiny):
     assert not engine._caches
 
 
-def test_compiled_engine_fallback_to_eager_is_visible(tiny, monkeypatch):
+def test_compiled_engine_fallback_to_eager_is_visible(tiny):
     torch._dynamo.reset()
     model, tokenizer = tiny
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    engine = FastGenerator(model, compile=True, backend=GraphCounter())
+    engine = FastGenerator(model, compile=True, backend=GraphCounter(), max_compiled_shapes=1)
     sampling = rollout.SamplingConfig(max_new_tokens=4, do_sample=False)
-    rollout.generate(model, tokenizer, ["1+2="], 2, sampling, engine=engine)            # bucket (2, 68)
-    with pytest.warns(UserWarning, match="recompile limit"):
-        rollout.generate(model, tokenizer, ["1+2=", "3+4=", "5+6="], 2, sampling, engine=engine)   # (8, 68)
+    rollout.generate(model, tokenizer, ["1+2="], 2, sampling, engine=engine)            # bucket (2, 68, 68)
+    with pytest.warns(UserWarning, match="compile budget"):
+        rollout.generate(model, tokenizer, ["1+2=", "3+4=", "5+6="], 2, sampling, engine=engine)   # (8, 68, 68)
     assert engine.eager_fallbacks == 1
+
+
+class AttentionRecorder:
+    """A torch.compile backend that records, for every scaled_dot_product_attention of the traced graph, the
+    shapes of its query and key, and every op name; it runs the graph as traced."""
+    def __init__(self):
+        self.attention, self.ops = [], set()
+
+    def __call__(self, graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            if node.op in ("call_function", "call_method"):
+                self.ops.add(getattr(node.target, "__name__", str(node.target)))
+            if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
+                query, key, value = (node.args[i].meta["example_value"] for i in range(3))
+                self.attention.append((tuple(query.shape), tuple(key.shape), tuple(value.shape)))
+        return graph_module.forward
+
+
+def test_compiled_decode_step_reads_each_kv_head_once_over_the_written_slots(tiny):
+    """The compiled decode step attends with K/V at the key/value heads (2 of the tiny model's 4 query heads:
+    no repeat_kv copy to 4) and over the slots written so far in kv_block buckets (80, 96, 104 of a 104-slot
+    cache: 64-wide prompt bucket + 40 new tokens), not the whole cache; greedy tokens equal `generate`'s."""
+    torch._dynamo.reset()
+    model, tokenizer = tiny
+    config = model.config
+    recorder = AttentionRecorder()
+    engine = FastGenerator(model, compile=True, backend=recorder, kv_block=16)
+    sampling = rollout.SamplingConfig(max_new_tokens=40, do_sample=False)
+    prompts = ["1+2=", "345+678="]
+    fast = rollout.generate(model, tokenizer, prompts, 2, sampling, engine=engine)
+    plain = rollout.generate(model, tokenizer, prompts, 2, sampling)
+    assert torch.equal(fast.completion_ids, plain.completion_ids) and fast.completions == plain.completions
+    assert config.num_key_value_heads < config.num_attention_heads          # the model has grouped-query attention
+    assert recorder.attention, "no attention in the compiled decode step"
+    for query, key, value in recorder.attention:
+        assert key[1] == value[1] == config.num_key_value_heads, (query, key)  # no expansion to the query heads
+        assert query[1] * query[2] == config.num_attention_heads              # query heads folded onto K/V heads
+    assert {key[2] for _, key, _ in recorder.attention} == {80, 96, 104}     # attended lengths grow in buckets
+    assert "expand" not in recorder.ops and "repeat_interleave" not in recorder.ops
+    assert engine.compiled_shapes == {(4, 104, 80), (4, 104, 96), (4, 104, 104)} and engine.eager_fallbacks == 0
+    assert config._attn_implementation == "sdpa"                           # the policy's own setting is back
+
+
+@pytest.mark.parametrize("kv_block", [1, 16])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_engine_attention_buckets_change_no_greedy_token(tiny, kv_block, attention):
+    """Eager decoding through the engine's attention, at any bucket size, gives `generate`'s greedy tokens;
+    a model on another attention implementation keeps it (and attends to the whole cache)."""
+    model, tokenizer = tiny
+    model.config._attn_implementation = attention
+    try:
+        prompts = ["1+2=", "345+678=", "9+9="]
+        sampling = rollout.SamplingConfig(max_new_tokens=24, do_sample=False)
+        plain = rollout.generate(model, tokenizer, prompts, 2, sampling)
+        fast = rollout.generate(model, tokenizer, prompts, 2, sampling, engine=FastGenerator(model, kv_block=kv_block))
+        assert torch.equal(fast.completion_ids, plain.completion_ids)
+        assert model.config._attn_implementation == attention
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
+def test_engine_is_freed_without_the_garbage_collector(tiny):
+    """No reference cycle: once dropped, a used (compiled) engine and its KV cache are freed at once, so
+    memory measured after the rollout (bench.py's update) does not include them."""
+    import gc
+    import weakref
+    torch._dynamo.reset()
+    model, tokenizer = tiny
+    engine = FastGenerator(model, compile=True, backend=GraphCounter())
+    rollout.generate(model, tokenizer, ["1+2="], 2, rollout.SamplingConfig(max_new_tokens=4), engine=engine)
+    (_, cache), = engine._caches.values()
+    engine_ref, cache_ref = weakref.ref(engine), weakref.ref(cache)
+    gc.collect()                  # only the compiler's own tracing leftovers: engine and cache are still referenced
+    gc.disable()
+    try:
+        del engine, cache
+        assert engine_ref() is None and cache_ref() is None
+    finally:
+        gc.enable()
 
 
 def test_mini_batches_are_exactly_as_many_as_asked_and_lr_is_this_steps(tiny_model_dir, tmp_path):
@@ -1607,6 +1685,23 @@ def test_bench_tiny_reports_every_phase(capsys):
                 "update_tokens_per_s", "peak_memory_gib"):
         assert result[key] > 0, key
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result     # JSON on the last line
+
+
+def test_bench_has_the_llm_presets_rollout_shape():
+    """`bench.py --workload preset` is train.py's LLM rollout batch: 128 rows, prompts up to 512 tokens, 1,024
+    new tokens (where decode attention over long caches shows; the small default hides it)."""
+    import bench
+    import train
+    preset = train.PRESETS["llm"]
+    assert bench.WORKLOADS["preset"]["cuda"] == (preset["generation_batch_size"], 512, preset["max_new_tokens"])
+
+
+def test_bench_times_decode_attention_both_ways():
+    import bench
+    result = bench.main(["--shape", "tiny", "--attention", "--num_sequences", "2", "--prompt_len", "8",
+                         "--max_new_tokens", "16"])
+    assert all(result[k] > 0 for k in ("attention_repeat_kv_all_slots_ms", "attention_folded_all_slots_ms",
+                                       "attention_engine_ms"))
 
 
 def test_pass_at_k_unbiased_estimator():
@@ -2521,7 +2616,131 @@ def test_lora_llm_preset_checkpoints_activations_and_estimates_memory(tiny_model
     lora = train.memory_estimate_gib(models.add_lora(shape, 16, 32), train.parse_config(["--model", "x/y", "--lora_rank", "16"]),
                                      has_reference=True, on_gpu=True, has_generation_copy=True)
     assert "weights_grads_adam" not in lora and "reference" not in lora and 0.009 < lora["trainable_share"] < 0.011
-    assert lora["frozen_base"] == pytest.approx(3.2, abs=0.1) and lora["total_gib_without_activations"] < 20
+    assert lora["frozen_base"] == pytest.approx(3.2, abs=0.1) and lora["peak_gib"] < 24
+
+
+def qwen3_shape(shape: dict):
+    """A model of this config on the `meta` device: parameters with shapes and no memory."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    with torch.device("meta"):
+        return Qwen3ForCausalLM(Qwen3Config(**shape))
+
+
+def qwen3_parameters(c: dict) -> int:
+    """Qwen3's parameter count written out from its config (tied embeddings): an independent count."""
+    h, d, heads, kv, i = c["hidden_size"], c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"], \
+        c["intermediate_size"]
+    attention = h * heads * d + 2 * h * kv * d + heads * d * h + 2 * d          # q, k, v, o; q_norm, k_norm
+    return c["vocab_size"] * h + c["num_hidden_layers"] * (attention + 3 * h * i + 2 * h) + h
+
+
+def test_memory_estimate_counts_each_part_of_the_llm_preset_on_qwen3_1_7b():
+    """The start-up estimate for `--model Qwen/Qwen3-1.7B` (preset, GPU, fast compiled engine), part by part
+    against hand-computed sizes: N = 1.72 B parameters; the KV cache at the width the engine allocates
+    (128 rows × (512-token prompt bucket + 1,024) slots × 28 layers × K and V × 8 heads × 128 × 2 bytes)."""
+    import bench
+    import models
+    import train
+    N, gib = qwen3_parameters(bench.QWEN3_1_7B), 2 ** 30
+    estimate = train.memory_estimate_gib(qwen3_shape(bench.QWEN3_1_7B), train.parse_config(["--model", "x/y"]),
+                                         has_reference=False, on_gpu=True, has_generation_copy=True)
+    assert models.parameter_counts(qwen3_shape(bench.QWEN3_1_7B)) == (N, N) and round(N / 1e9, 2) == 1.72
+    expected = {"weights": 4 * N, "gradients": 4 * N, "adamw_moments": 8 * N, "adamw_step_temporary": 4 * N,
+                "autocast_weight_copies": 2 * N, "generation_copy": 2 * N,
+                "kv_cache": 128 * (512 + 1024) * 28 * 2 * 8 * 128 * 2}
+    for part, size in expected.items():
+        assert estimate[part] == round(size / gib, 2), part
+    assert estimate["kv_cache"] == 21.0 and "reference" not in estimate
+    assert 0 < estimate["cuda_graph_pool"] < 1 and 2 < estimate["activations"] < 12      # estimates, not counts
+    persistent = sum(estimate[p] for p in ("weights", "gradients", "adamw_moments", "generation_copy", "kv_cache",
+                                           "cuda_graph_pool"))
+    assert estimate["peak_at_optimizer_step"] == pytest.approx(persistent + estimate["adamw_step_temporary"], abs=0.06)
+    assert estimate["peak_in_backward"] == pytest.approx(
+        persistent + estimate["autocast_weight_copies"] + estimate["activations"], abs=0.06)
+    assert estimate["peak_gib"] == max(estimate["peak_in_backward"], estimate["peak_at_optimizer_step"])
+    assert 55 < estimate["peak_gib"] < 74.5                                  # fits one 80 GB (74.5 GiB) GPU
+    beta = train.memory_estimate_gib(qwen3_shape(bench.QWEN3_1_7B), train.parse_config(["--model", "x/y"]),
+                                     has_reference=True, on_gpu=True, has_generation_copy=True)
+    assert beta["reference"] == round(4 * N / gib, 2)
+
+
+def test_adamw_step_and_autocast_allocate_what_the_estimate_counts(tiny):
+    """The two transient parts, measured on the tiny model by recording every tensor torch allocates:
+    torch's multi-tensor AdamW (the default on CUDA) allocates 4 bytes per parameter inside step(); bf16
+    autocast keeps a bf16 copy of each float32 weight it casts (2 bytes per matmul weight) from the forward
+    through the backward. The estimate for Qwen3-1.7B uses exactly these rates."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils import _pytree as pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import bench
+    import train
+
+    class Allocations(TorchDispatchMode):
+        """Storages allocated inside the mode (outputs of non-mutating ops; with `casts_of`, only dtype casts
+        of those tensors) and their peak live bytes."""
+        def __init__(self, casts_of=None):
+            super().__init__()
+            self.casts_of, self.refs, self.peak = casts_of, {}, 0
+
+        def live(self) -> int:
+            return sum(size for ref, size in self.refs.values() if not ref.expired())
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.refs = {ptr: entry for ptr, entry in self.refs.items() if not entry[0].expired()}
+            if not func._schema.is_mutable and (self.casts_of is None or (
+                    func is torch.ops.aten._to_copy.default and id(args[0]) in self.casts_of)):
+                for tensor in pytree.tree_leaves(out):
+                    if isinstance(tensor, torch.Tensor):
+                        storage = tensor.untyped_storage()
+                        self.refs.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
+            self.peak = max(self.peak, self.live())
+            return out
+
+    model, _ = tiny
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    for _ in range(2):                                   # the second step: the moments exist already
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with Allocations() as step:
+            optimizer.step()
+    assert step.peak == 4 * n                            # sqrt(v) of every parameter at once
+    ids = torch.randint(3, 20, (2, 16))
+    with Allocations(casts_of={id(p) for p in params}) as casts:      # casts of the weights themselves
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids).logits.float().mean()
+        kept_through_backward = casts.live()
+        loss.backward()
+    assert 1.95 * n < kept_through_backward <= 2 * n     # every weight but the norms' (not cast), in bf16
+    assert casts.live() == 0
+    N = qwen3_parameters(bench.QWEN3_1_7B)
+    estimate = train.memory_estimate_gib(qwen3_shape(bench.QWEN3_1_7B), train.parse_config(["--model", "x/y"]),
+                                         has_reference=False, on_gpu=True, has_generation_copy=True)
+    assert estimate["adamw_step_temporary"] == round(step.peak / n * N / 2 ** 30, 2)
+    assert estimate["autocast_weight_copies"] == round(2 * N / 2 ** 30, 2)
+
+
+def test_qwen3_4b_fits_one_80gb_gpu_with_lora_not_with_full_fine_tuning():
+    """docs/real-run.md's recipe for Qwen3-4B: LoRA (`--lora_rank 16`, the LoRA preset); full fine-tuning with
+    float32 master weights and AdamW does not fit 80 GB (74.5 GiB)."""
+    import bench
+    import models
+    import train
+    full = train.memory_estimate_gib(qwen3_shape(bench.QWEN3_4B), train.parse_config(["--model", "x/y"]),
+                                     has_reference=False, on_gpu=True, has_generation_copy=True)
+    assert full["weights"] + full["gradients"] + full["adamw_moments"] + full["adamw_step_temporary"] > 74.5
+    assert full["peak_gib"] > 74.5
+    config = train.parse_config(["--model", "x/y", "--lora_rank", "16"])
+    lora = train.memory_estimate_gib(models.add_lora(qwen3_shape(bench.QWEN3_4B).to(torch.bfloat16), 16, 32), config,
+                                     has_reference=True, on_gpu=True, has_generation_copy=True)
+    assert lora["peak_gib"] < 74.5 / 2                   # with room to spare (the recipe's 128-row batch below)
+    wide = train.memory_estimate_gib(models.add_lora(qwen3_shape(bench.QWEN3_4B).to(torch.bfloat16), 16, 32),
+                                     train.parse_config(["--model", "x/y", "--lora_rank", "16",
+                                                         "--generation_batch_size", "128"]),
+                                     has_reference=True, on_gpu=True, has_generation_copy=True)
+    assert wide["kv_cache"] == 2 * lora["kv_cache"] and wide["peak_gib"] < 74.5
 
 
 def eval_args(model_dir, out, *extra):

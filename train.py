@@ -356,39 +356,84 @@ def learning_rate_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / max(warmup_steps, 1))
 
 
-def memory_estimate_gib(policy, config: Config, has_reference: bool, on_gpu: bool, has_generation_copy: bool) -> dict:
-    """A rough budget printed at start, so a run that cannot fit says so before the first rollout.
+def memory_estimate_gib(policy, config: Config, has_reference: bool, on_gpu: bool, has_generation_copy: bool,
+                        prompt_tokens: int = 512) -> dict:
+    """The memory budget printed at start, part by part, so a run that cannot fit says so before the first
+    rollout. N parameters (n trainable with LoRA); GiB. Counted from the tensors the run allocates:
 
-    Full fine-tuning: float32 master weights (4 B/param) + gradients (4) + AdamW moments (8); on GPU a bf16
-    copy for generation (2) and a float32 reference (4, when β > 0: it must share the policy's numerics, see
-    make_reference). LoRA: the frozen base (2 B/param on GPU, 4 on CPU) and 16 B per adapter parameter; the
-    reference costs nothing (the base with the adapters off); the fast engine's merged generation copy
-    2 B/param. Both: the KV cache of one generation batch.
-    Activations depend on micro_batch_size and gradient checkpointing and are not included.
+    - full fine-tuning: float32 master `weights` (4 B/param), `gradients` (4: they live from one optimizer step
+      until the next mini-batch's zero_grad, so through the rollout) and `adamw_moments` (8);
+    - LoRA: the `frozen_base` (2 B/param on GPU, 4 on CPU) and the adapters' weights, gradients and moments (16);
+    - `adamw_step_temporary` (4 B per trainable param): torch's multi-tensor AdamW computes sqrt(v) for every
+      parameter at once inside optimizer.step;
+    - `autocast_weight_copies` (GPU, 2 B per trainable param): bf16 autocast caches a bf16 copy of every float32
+      weight it casts until the forward's autocast region ends; the backward keeps them (saved for the matmul
+      gradients). A bf16 LoRA base is used as is (no copy);
+    - `generation_copy` (GPU, 2 B/param): the fast engine's bf16 copy (LoRA: the merged copy);
+    - `reference` (β > 0, full fine-tuning): a float32 copy (make_reference); with LoRA it costs nothing;
+    - `kv_cache`: the static cache the engine allocates and keeps through the update: the generation batch
+      (a power of two when compiled) × (the prompt bucket for `prompt_tokens` + the longest completion budget)
+      slots × layers × 2 × key/value heads × head_dim, in bf16 on GPU;
+    - `cuda_graph_pool` (GPU, compiled): one decode step's logits and hidden states per attended-length bucket;
+    - `activations` (an estimate from the shapes, not a count of tensors): one micro-batch's checkpointed layer
+      inputs, one layer recomputed with its gradients, and one logit chunk of token_logprobs.
+
+    `peak_gib` is the larger of the two peaks of an update: in forward/backward (everything persistent +
+    autocast copies + activations) and at optimizer.step (persistent + the AdamW temporary).
     """
+    from engine import KV_BLOCK, cache_shape        # the engine's own bucketing rules
+    from rollout import LOGIT_CHUNK_TOKENS
     params, trainable = parameter_counts(policy)
     gib = 2 ** 30
+    c = policy.config
+    layers, hidden, vocab = c.num_hidden_layers, c.hidden_size, c.vocab_size
+    head_dim = getattr(c, "head_dim", None) or hidden // c.num_attention_heads
+    heads, kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    intermediate = getattr(c, "intermediate_size", 4 * hidden)
     estimate = {"parameters_billion": round(params / 1e9, 3)}
     if config.lora_rank:
         estimate["trainable_share"] = round(trainable / params, 4)
         estimate["frozen_base"] = (params - trainable) * (2 if on_gpu else 4) / gib
         estimate["adapters_grads_adam"] = trainable * 16 / gib
     else:
-        estimate["weights_grads_adam"] = params * 16 / gib
+        estimate["weights"] = params * 4 / gib
+        estimate["gradients"] = params * 4 / gib
+        estimate["adamw_moments"] = params * 8 / gib
+    estimate["adamw_step_temporary"] = trainable * 4 / gib
+    if on_gpu:
+        estimate["autocast_weight_copies"] = trainable * 2 / gib
     if has_generation_copy and on_gpu:
         estimate["generation_copy"] = (params - trainable if config.lora_rank else params) * 2 / gib
     if has_reference and not config.lora_rank:
         estimate["reference"] = params * 4 / gib
-    model_config = policy.config
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
-    sequences = min(config.generation_batch_size, config.prompts_per_step * config.group_size)
-    tokens = sequences * (config.max_new_tokens + 512)                    # + a typical prompt
-    estimate["kv_cache"] = tokens * model_config.num_hidden_layers * 2 * kv_heads * head_dim * (2 if on_gpu else 4) / gib
+    # The KV cache, at the width the engine allocates (train.py's engine compiles on GPU only).
+    compiled = has_generation_copy and on_gpu and config.compile_rollout
+    rows = min(config.generation_batch_size, config.prompts_per_step * config.group_size)
+    new_tokens = max(config.max_new_tokens, config.eval_max_new_tokens or 0)
+    batch, slots = cache_shape(rows, prompt_tokens, new_tokens) if compiled else (rows, prompt_tokens + new_tokens)
+    kv_bytes = 2 if on_gpu else 4
+    estimate["kv_cache"] = batch * slots * layers * 2 * kv_heads * head_dim * kv_bytes / gib
+    if compiled:
+        buckets = -(-slots // KV_BLOCK)                                    # attended-length buckets (ceil)
+        estimate["cuda_graph_pool"] = buckets * batch * (vocab + 4 * hidden) * 2 / gib
+    # Activations of one micro-batch of the update (an estimate). The residual stream is float32 when the
+    # weights are (autocast leaves the additions in float32), bf16 with a bf16 LoRA base.
+    tokens = (config.micro_batch_size or config.prompts_per_step * config.group_size) * (prompt_tokens + config.max_new_tokens)
+    stream = 2 if config.lora_rank and on_gpu else 4
+    matmul = 2 if on_gpu else 4
+    layer = tokens * (matmul * (2 * heads * head_dim + 2 * kv_heads * head_dim + 4 * intermediate) + 4 * stream * hidden)
+    logit_chunk = min(LOGIT_CHUNK_TOKENS, tokens) * vocab * 16    # bf16 logits, float32 copy, log-softmax, grads
+    kept = layers * tokens * hidden * stream + 2 * layer if config.gradient_checkpointing else layers * layer
+    estimate["activations"] = (kept + logit_chunk) / gib
     estimate = {key: round(value, 2) if isinstance(value, float) and key != "trainable_share" else value
                 for key, value in estimate.items()}
-    estimate["total_gib_without_activations"] = round(sum(v for k, v in estimate.items()
-                                                          if k not in ("parameters_billion", "trainable_share")), 1)
+    transient = ("adamw_step_temporary", "autocast_weight_copies", "activations")
+    persistent = sum(value for key, value in estimate.items()
+                     if key not in ("parameters_billion", "trainable_share", *transient))
+    estimate["peak_in_backward"] = round(persistent + estimate.get("autocast_weight_copies", 0)
+                                         + estimate["activations"], 1)
+    estimate["peak_at_optimizer_step"] = round(persistent + estimate["adamw_step_temporary"], 1)
+    estimate["peak_gib"] = max(estimate["peak_in_backward"], estimate["peak_at_optimizer_step"])
     return estimate
 
 
@@ -602,9 +647,14 @@ def setup(config: Config, log=tqdm.write) -> Setup:
     # None: model.generate (with LoRA through peft, adapter-aware); LoRA's fast engine samples from a merged copy
     engine = (make_lora_engine if lora else make_engine)(config.rollout_engine, policy, compile=config.compile_rollout)
     params, trainable_params = parameter_counts(policy)
+    estimate = memory_estimate_gib(policy, config, reference is not None, device.type == "cuda", engine is not None)
     log(f"Policy: {config.model} on {device}" + (f", LoRA rank {config.lora_rank}: {trainable_params:,} of {params:,} "
         f"parameters trainable ({100 * trainable_params / params:.2f}%)" if lora else "") + "; memory estimate (GiB): "
-        f"{memory_estimate_gib(policy, config, reference is not None, device.type == 'cuda', engine is not None)}")
+        f"{estimate}")
+    if device.type == "cuda" and estimate["peak_gib"] > torch.cuda.get_device_properties(device).total_memory / 2 ** 30:
+        log(f"Warning: the estimated peak, {estimate['peak_gib']} GiB, exceeds this GPU's "
+            f"{torch.cuda.get_device_properties(device).total_memory / 2 ** 30:.1f} GiB; lower it with --lora_rank, "
+            "--generation_batch_size or --micro_batch_size (docs/real-run.md, Memory)")
     template_kwargs = {"enable_thinking": config.enable_thinking} if "qwen3" in config.model.lower() or \
         "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "") else {}
     return Setup(out_dir=out_dir, device=device, autocast_dtype=autocast_dtype, records=records,
