@@ -1197,7 +1197,9 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
         assert logged["reward/grader_errors"] == 0
         assert logged["lampo/tau"] == pytest.approx(tau, rel=1e-5)
         if options["beta"] > 0:
-            assert logged["kl"] == pytest.approx(kl_sum / max(tokens, 1), abs=1e-6)
+            # relative: a float32 sum over the step's tokens (a KL near 1.6 after a large --lr step: 1e-6 absolute
+            # is below float32's resolution of a differently ordered sum)
+            assert logged["kl"] == pytest.approx(kl_sum / max(tokens, 1), rel=1e-5, abs=1e-6)
         assert logged["policy_kl"] == pytest.approx(policy_kl_sum / max(tokens, 1), rel=1e-5, abs=1e-6)
         assert logged["grad_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-4)     # before clipping
         # entropy of softmax(logits / T) under π_old, over the real completion tokens
