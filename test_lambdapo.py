@@ -1370,8 +1370,8 @@ LOOP_CASES = {
     "rloo": {"algo": "rloo", "tau": 0.3},
     "fast engine, TIS": {"rollout_engine": "fast", "tis_cap": 0.5, "beta": 0.5},
     # GSPO: one ratio per completion; a clip range at which some sequences clip and others do not
-    "importance_level sequence": {"importance_level": "sequence", "clip_low": 0.002, "clip_high": 0.003,
-                                  "epochs": 2, "mask_truncated": "true", "beta": 0.5},
+    "importance_level sequence": {"importance_level": "sequence", "clip_low": 0.05, "clip_high": 0.1,
+                                  "epochs": 2, "lr": 1e-4},
 }
 
 
@@ -1451,7 +1451,7 @@ def test_training_loop_matches_an_independent_oracle(eos_model_dir, tmp_path, mo
     assert seen["truncated"] > 0 and seen["finished"] > 0                   # masks and truncation both mattered
     assert all(after > before for before, after in seen["objective"]), seen["objective"]
     options = {**LOOP_DEFAULTS, **LOOP_CASES[case]}
-    if options["clip_low"] < 0.01:
+    if options["clip_low"] <= 0.05:
         assert seen["clipped_tokens"] > 0                                   # the clip really acted
     if case == "tight clip and grad norm":
         assert seen["norm_clipped"] > 0                                     # and so did the norm clip
