@@ -22,7 +22,8 @@ The update is GRPO/PPO's clipped surrogate per completion token t, ρ_t = exp(lo
     KL_t = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1        (k3 estimator, only when β > 0)
 
 aggregated over real completion tokens ("token-mean", DAPO), per sequence ("seq-mean", GRPO) or over a
-fixed budget ("fixed-length", Dr. GRPO). Shapes: rewards, seq_logps (num_prompts, G);
+fixed budget ("fixed-length", Dr. GRPO). `importance_level="sequence"` replaces ρ_t by GSPO's one ratio per
+completion, the geometric mean of its token ratios (arXiv 2507.18071). Shapes: rewards, seq_logps (num_prompts, G);
 logps, old_logps, ref_logps, mask (B, T) with B = num_prompts · G and groups contiguous; advantages (B,).
 
 Drop this into your GRPO trainer: where it computes (r − mean r) / std r, compute ℓ from the old log-probs it

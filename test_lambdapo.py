@@ -1171,7 +1171,8 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
 
     generator = torch.Generator().manual_seed(options["seed"])              # the documented mini-batch order
     seen = {"advantages": [], "truncated": 0, "finished": 0, "clipped_tokens": 0.0, "norm_clipped": 0, "kl": 0.0,
-            "batches": [], "right": 0, "wrong": 0, "rounds": [], "groups_sampled": 0, "groups_trained": 0}
+            "batches": [], "right": 0, "wrong": 0, "rounds": [], "groups_sampled": 0, "groups_trained": 0,
+            "surplus": 0}
     rounds = list(zip(spy.rollouts, spy.prompts, spy.samplings))            # every generate call, in order
     first_update, step_starts = 0, []                                       # where each RL step's updates begin
     for step in range(options["num_steps"]):
@@ -1198,6 +1199,7 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
                 break
         if not kept:                               # no dynamic sampling, or nothing kept: the last round, whole
             kept = [(len(step_rounds) - 1, g) for g in range(len(step_rounds[-1][1]))]
+        seen["surplus"] += with_spread - len(kept) if with_spread else 0       # groups with a spread, dropped
         seen["rounds"].append(len(step_rounds))
         seen["groups_sampled"] += sum(len(prompts) for _, prompts, _, _, _ in step_rounds)
         seen["groups_trained"] += len(kept)
@@ -1398,10 +1400,12 @@ def test_training_loop_oracle_with_dynamic_sampling(answers_world, tmp_path, mon
     trained batch from the kept rows of several rounds, and checks the gradients, the weights and the logged
     rounds, kept share and sampling cost. Every round read the next prompts of the run's one seeded order."""
     model_dir, _ = answers_world
-    seen = run_loop_oracle(model_dir, tmp_path / "run", monkeypatch, dataset=sums_file(tmp_path / "sums.jsonl"),
-                           rouge_weight=0.0, dynamic_sampling="true", max_generation_rounds=3, num_steps=3,
-                           mini_batches=4, micro_batch_size=4)
+    problems = sums_file(tmp_path / "sums.jsonl", answers=("3", "4", "3", "3"))
+    seen = run_loop_oracle(model_dir, tmp_path / "run", monkeypatch, dataset=problems, rouge_weight=0.0,
+                           dynamic_sampling="true", max_generation_rounds=3, num_steps=3, mini_batches=4,
+                           micro_batch_size=4)
     assert max(seen["rounds"]) > 1 and seen["groups_trained"] < seen["groups_sampled"]   # the filter acted
+    assert seen["surplus"] > 0                               # and a last round had more groups than were needed
     assert all(A.abs().sum() > 0 for A in seen["advantages"])
     assert all(after > before for before, after in seen["objective"]), seen["objective"]
 
@@ -1722,6 +1726,33 @@ def test_compare_aggregates_by_hand(tmp_path):
     assert entry["diagnostics"]["lampo/seq_logp_std"] == pytest.approx(0.1)
     assert "lampo/corr_rloo" not in entry["diagnostics"]
     assert "| `x` | 1.250 | — | 0.375 | 0.100 | — |" in compare.markdown({"x": entry})
+
+
+def test_compare_sampling_cost_by_hand(tmp_path):
+    """Completions per kept group (a trained group with a reward spread), with and without dynamic sampling."""
+    import compare
+    runs = {"grpo": [{"reward": 0.5, "frac_reward_zero_std": 0.5}, {"reward": 0.5, "frac_reward_zero_std": 0.0}],
+            "grpo --dynamic_sampling": [
+                {"reward": 0.5, "frac_reward_zero_std": 0.0, "dynamic_sampling/completions_generated": 16,
+                 "dynamic_sampling/groups_kept": 2},
+                {"reward": 0.5, "frac_reward_zero_std": 0.0, "dynamic_sampling/completions_generated": 24,
+                 "dynamic_sampling/groups_kept": 1}]}
+    statuses = []
+    for run, rows in runs.items():
+        folder = tmp_path / compare.slug(run) / "seed-0"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"prompts_per_step": 2, "group_size": 4}))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, **row}) + "\n" for i, row in enumerate(rows))
+                                              + json.dumps({"step": 2, "eval/accuracy": 0.5}) + "\n")
+        statuses.append({"run": run, "seed": 0, "folder": str(folder), "returncode": 0, "wall_seconds": 1.0, "error": None})
+    summary = compare.summarize(statuses, list(runs), [0], threshold=0.8)
+    # without the filter: 2 steps × 2 prompts × G = 4 completions; kept groups 2 · (1 − 0.5) + 2 · 1 = 3
+    assert summary["grpo"]["completions_generated_mean"] == 16
+    assert summary["grpo"]["completions_per_kept_group_mean"] == pytest.approx(16 / 3)
+    # with it: what the steps logged, 16 + 24 completions for 2 + 1 kept groups
+    assert summary["grpo --dynamic_sampling"]["completions_generated_mean"] == 40
+    assert summary["grpo --dynamic_sampling"]["completions_per_kept_group_mean"] == pytest.approx(40 / 3)
+    assert "| `grpo --dynamic_sampling` | 40 | 13.33 |" in compare.markdown(summary)
 
 
 # ===================================================================================================

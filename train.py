@@ -358,12 +358,12 @@ def prompt_batch(records: list[dict], step: int, prompts_per_step: int, seed: in
     return records_at(records, step * prompts_per_step, prompts_per_step, seed)
 
 
-def records_at(records: list[dict], position: int, count: int, seed: int) -> list[dict]:
-    """`count` records from `position` in the seeded order (one shuffle per epoch). The loop keeps the position:
+def records_at(records: list[dict], start: int, count: int, seed: int) -> list[dict]:
+    """`count` records from position `start` in the seeded order (one shuffle per epoch). The loop keeps the position:
     step k reads from k · prompts_per_step, unless --dynamic_sampling read further prompts in earlier steps;
     either way every run reads one fixed sequence of prompts, and a checkpoint stores where it stands."""
     batch = []
-    for position in range(position, position + count):
+    for position in range(start, start + count):
         epoch, index = divmod(position, len(records))
         order = list(range(len(records)))
         random.Random(seed * 100_003 + epoch).shuffle(order)
