@@ -438,6 +438,29 @@ def sample_rollout(model, tokenizer, G=3, max_new_tokens=12, seed=0):
     return rollout.generate(model, tokenizer, prompts, G, rollout.SamplingConfig(max_new_tokens=max_new_tokens))
 
 
+def test_keep_groups_repads_rounds_and_keeps_each_rows_logprobs(tiny):
+    """Groups from two rounds of different widths (prompt and completion lengths): the kept rows, re-padded, have
+    the tokens, masks, texts and log-probs they had in their own round, in the order asked for."""
+    model, tokenizer = tiny
+    first = sample_rollout(model, tokenizer, G=2, max_new_tokens=5, seed=0)            # prompts up to 8 characters
+    torch.manual_seed(1)
+    second = rollout.generate(model, tokenizer, ["7+1=", "2+2="], 2, rollout.SamplingConfig(max_new_tokens=9))
+    assert first.prompt_ids.shape[1] != second.prompt_ids.shape[1]
+    assert first.completion_ids.shape[1] != second.completion_ids.shape[1]
+    kept = rollout.keep_groups([(first, [2, 1]), (second, [1])], tokenizer.pad_token_id)
+    rows = [(first, 4), (first, 5), (first, 2), (first, 3), (second, 2), (second, 3)]
+    assert kept.completions == [r.completions[i] for r, i in rows]
+    assert kept.truncated.tolist() == [bool(r.truncated[i]) for r, i in rows]
+    assert kept.completion_mask.sum(1).tolist() == [int(r.completion_mask[i].sum()) for r, i in rows]
+    with torch.no_grad():
+        logps = rollout.token_logprobs(model, kept.input_ids, kept.attention_mask, kept.completion_mask)
+        for k, (r, i) in enumerate(rows):
+            own = rollout.token_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask)[i]
+            length = int(r.completion_mask[i].sum())
+            torch.testing.assert_close(logps[k, :length], own[:length], atol=1e-5, rtol=1e-5)
+            assert logps[k, length:].abs().sum() == 0
+
+
 def test_token_logprobs_match_plain_forward(tiny, monkeypatch):
     model, tokenizer = tiny
     r = sample_rollout(model, tokenizer)
