@@ -19,6 +19,9 @@ Per run string, over seeds (held-out accuracy = train.py's `eval/accuracy`, gree
     wall_seconds       each run's wall time (a resumed run: the sum of its attempts)
     diagnostics        train.py's lampo/* weight diagnostics, each the mean over steps then over seeds
     per_seed           [{seed, final_accuracy, area, steps_to_threshold}] for every seed that finished
+    completions        completions sampled over the run, and per kept group: per trained group that had a
+                       reward spread (the groups that carry an advantage; --dynamic_sampling samples more
+                       to keep only those), each the mean over seeds
 With `--baseline RUN_STRING` every other run string also gets `vs_baseline`, paired by seed (same seed, same
 data order and initial weights, so seed-to-seed noise cancels):
     area_diff          per seed, in seed order: area(run) − area(baseline); area_diff_mean their mean
@@ -31,7 +34,7 @@ data order and initial weights, so seed-to-seed noise cancels):
 Writes summary.json, summary.md (tables to paste into a README) and curves.png (mean ± std bands).
 std is the sample standard deviation (n − 1; 0 for a single seed).
 
-A study kept in the repository keeps each cell's compare.json and metrics.jsonl (a few hundred kB): re-running
+A study kept in the repository keeps each cell's compare.json, config.json and metrics.jsonl (a few hundred kB): re-running
 compare.py with the same runs and seeds on that folder runs nothing and recomputes every figure from them.
 """
 
@@ -128,6 +131,25 @@ def run_diagnostics(folder: Path) -> dict[str, float]:
         if values:
             means[name] = statistics.fmean(values)
     return means
+
+
+def sampling_cost(folder: Path) -> tuple[float, float | None] | None:
+    """(completions sampled over the run's training steps, completions per kept group), or None without steps.
+
+    A kept group is a trained group with a reward spread: with --dynamic_sampling the step logs how many it kept
+    (dynamic_sampling/groups_kept) and what it sampled (dynamic_sampling/completions_generated); without it
+    every step samples prompts_per_step · G completions and trains on all its groups, of which the share
+    1 − frac_reward_zero_std had a spread. None for the ratio when no group ever had one.
+    """
+    config_path = folder / "config.json"
+    rows = [row for row in metrics_rows(folder) if "reward" in row]
+    if not rows or not config_path.exists():
+        return None
+    config = json.loads(config_path.read_text())
+    P, G = config["prompts_per_step"], config["group_size"]
+    generated = sum(row.get("dynamic_sampling/completions_generated", P * G) for row in rows)
+    kept = sum(row.get("dynamic_sampling/groups_kept", P * (1 - row["frac_reward_zero_std"])) for row in rows)
+    return generated, (generated / kept if kept else None)
 
 
 def area_under_curve(curve: dict[int, float]) -> float | None:
@@ -249,6 +271,8 @@ def summarize(statuses: list[dict], runs: list[str], seeds: list[int], threshold
         per_seed = [run_diagnostics(Path(s["folder"])) for s in finished]
         diagnostics = {name: statistics.fmean(d[name] for d in per_seed if name in d)
                        for name in DIAGNOSTICS if any(name in d for d in per_seed)}
+        costs = [cost for cost in (sampling_cost(Path(s["folder"])) for s in finished) if cost is not None]
+        per_kept = [ratio for _, ratio in costs if ratio is not None]
         summary[run] = {
             "seeds": sorted(curves),
             "final_accuracy_mean": final_mean, "final_accuracy_std": final_std,
@@ -264,6 +288,8 @@ def summarize(statuses: list[dict], runs: list[str], seeds: list[int], threshold
                           "area": area_under_curve(curves[seed]),
                           "steps_to_threshold": steps_to_threshold(curves[seed], threshold)}
                          for seed in sorted(curves)],
+            "completions_generated_mean": mean_std([generated for generated, _ in costs])[0],
+            "completions_per_kept_group_mean": mean_std(per_kept)[0],
             "failed": [{"seed": s["seed"], "error": s["error"], "log": str(Path(s["folder"]) / "train.log")}
                        for s in mine if s["returncode"] != 0],
         }
@@ -318,6 +344,13 @@ def markdown(summary: dict) -> str:
             p_final = "—" if v["final_accuracy_p_value_sign_flip"] is None else f"{v['final_accuracy_p_value_sign_flip']:.3f}"
             lines.append(f"| `{run}` | {len(v['seeds'])} | {number(v['area_diff_mean'])} | {interval} "
                          f"| {number(v['paired_t'], 2)} | {p} | {number(v['final_accuracy_diff_mean'])} | {p_final} |")
+
+    lines += ["", "Sampling cost (mean over seeds; a kept group is a trained group with a reward spread):", "",
+              "| run | completions sampled | completions per kept group |", "| --- | --- | --- |"]
+    for run, entry in summary.items():
+        cells = ["—" if entry[key] is None else f"{entry[key]:.{digits}f}"
+                 for key, digits in (("completions_generated_mean", 0), ("completions_per_kept_group_mean", 2))]
+        lines.append(f"| `{run}` | " + " | ".join(cells) + " |")
     for run, entry in summary.items():
         for failure in entry["failed"]:
             lines.append(f"\n`{run}` seed {failure['seed']} failed: {failure['error']} (see {failure['log']})")

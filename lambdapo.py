@@ -22,7 +22,8 @@ The update is GRPO/PPO's clipped surrogate per completion token t, ρ_t = exp(lo
     KL_t = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1        (k3 estimator, only when β > 0)
 
 aggregated over real completion tokens ("token-mean", DAPO), per sequence ("seq-mean", GRPO) or over a
-fixed budget ("fixed-length", Dr. GRPO). Shapes: rewards, seq_logps (num_prompts, G);
+fixed budget ("fixed-length", Dr. GRPO). `importance_level="sequence"` replaces ρ_t by GSPO's one ratio per
+completion, the geometric mean of its token ratios (arXiv 2507.18071). Shapes: rewards, seq_logps (num_prompts, G);
 logps, old_logps, ref_logps, mask (B, T) with B = num_prompts · G and groups contiguous; advantages (B,).
 
 Drop this into your GRPO trainer: where it computes (r − mean r) / std r, compute ℓ from the old log-probs it
@@ -47,6 +48,7 @@ is a fixed number).
 import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean", "fixed-length")
+IMPORTANCE_LEVELS = ("token", "sequence")       # PPO/GRPO's per-token ratio | GSPO's per-sequence ratio
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,7 +227,8 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
                         mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
                         ref_logps: torch.Tensor | None = None, beta: float = 0.0,
                         aggregation: str = "token-mean",
-                        is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                        is_weights: torch.Tensor | None = None,
+                        importance_level: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
     """PPO/GRPO clipped surrogate with an optional k3 KL penalty, aggregated over masked tokens.
 
     logps (B, T) carry gradient; old_logps, ref_logps (B, T) and advantages (B,) do not. Worked example:
@@ -241,6 +244,24 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     samples drawn by a sampler whose numerics differ from π_old's (a bf16 copy, vLLM). They multiply the
     policy-gradient term only, not the KL penalty (as TRL's and verl's TIS corrections do).
 
+    `importance_level="sequence"` is GSPO (Zheng et al. 2025, arXiv 2507.18071): every token of completion i
+    uses one ratio, the geometric mean of its token ratios over its real tokens (mask = 1),
+
+        s_i = exp( (1/|o_i|) Σ_t m_t (log π_θ − log π_old) )                    (B, 1), broadcast over tokens
+
+    in the same clipped surrogate, aggregated as `aggregation` says (as TRL's importance_sampling_level=
+    "sequence" does; GSPO's paper averages per sequence, i.e. "seq-mean"). s_i carries gradient: d s_i /
+    d log π_θ(t) = s_i / |o_i|, so an unclipped sequence pushes each of its tokens equally. GSPO's clip range
+    is about 1000× narrower than PPO's (its paper: ε_low = 3e-4, ε_high = 4e-4), because s_i is a mean over
+    hundreds of tokens and moves much less than one token's ratio. The KL term stays per token, and so do
+    `is_weights`; "clip_fraction" then counts the real tokens of the sequences whose clipped branch is
+    active, and "policy_kl" is still the per-token k3 KL.
+
+    >>> loss, stats = clipped_policy_loss(torch.tensor([[0.1, -0.5]]), torch.zeros(1, 2), torch.tensor([1.0]),
+    ...                                   torch.ones(1, 2), importance_level="sequence")     # s = e^−0.2
+    >>> round(loss.item(), 4), stats["clip_fraction"]                   # clip(0.8187, 0.8, 1.2) = 0.8187
+    (-0.8187, 0.0)
+
     Returns (loss, stats) with stats["clip_fraction"] (share of real tokens whose clipped branch is
     active, i.e. whose gradient the clip removed), stats["policy_kl"] (k3 KL of π_θ from π_old) and,
     when β > 0, stats["kl"] (k3 KL from π_ref).
@@ -250,7 +271,15 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     old_logps = old_logps.detach().to(device)
     advantages = advantages.detach().to(device=device, dtype=logps.dtype)[:, None]   # (B, 1), over tokens
     log_ratio = logps - old_logps                                         # (B, T)
-    ratio = torch.exp(log_ratio)                                          # ρ_t
+    if importance_level == "token":
+        ratio = torch.exp(log_ratio)                                      # ρ_t   (B, T)
+    elif importance_level == "sequence":                                  # GSPO: one ratio per completion
+        # the mean over real tokens only: padding and masked (e.g. truncated) rows must not dilute it
+        # (a row with no real token gets log s = 0, s = 1; it has no token in the loss anyway)
+        seq_log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1.0)
+        ratio = torch.exp(seq_log_ratio).expand_as(log_ratio)             # s_i   (B, 1) -> (B, T)
+    else:
+        raise ValueError(f"unknown importance_level {importance_level!r}; choose one of {', '.join(IMPORTANCE_LEVELS)}")
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
     per_token = -torch.min(unclipped, clipped)                            # (B, T)

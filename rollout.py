@@ -70,6 +70,37 @@ class Rollout:
         return self.completion_mask.sum(dim=1)
 
 
+def keep_groups(parts: list[tuple[Rollout, list[int]]], pad_id: int) -> Rollout:
+    """One rollout of the chosen groups of several rollouts, in the order given (DAPO's dynamic sampling
+    keeps only groups with a reward spread, from several rounds of sampling).
+
+    parts: (rollout, group indices to keep) pairs, all with the same group_size. Rounds differ in their
+    padded widths, so prompts are re-padded on the left (to the widest prompt: every completion still starts
+    at one column P) and completions on the right with `pad_id`, masks 0 there. Padding is invisible to the
+    log-probs (masked keys, explicit positions), so a kept row scores exactly as in its own round.
+    """
+    G = parts[0][0].group_size
+    pieces = [(r, [g * G + k for g in groups for k in range(G)], groups) for r, groups in parts if groups]
+    P = max(r.prompt_ids.shape[1] for r, _, _ in pieces)
+    T = max(r.completion_ids.shape[1] for r, _, _ in pieces)
+
+    def pad(tensor, width, value, left):                  # (rows, w) -> (rows, width)
+        fill = tensor.new_full((tensor.shape[0], width - tensor.shape[1]), value)
+        return torch.cat([fill, tensor] if left else [tensor, fill], dim=1)
+
+    def join(name, width, value, left):
+        return torch.cat([pad(getattr(r, name)[rows], width, value, left) for r, rows, _ in pieces])
+
+    has_logps = all(r.sampling_logps is not None for r, _, _ in pieces)
+    return Rollout(prompt_ids=join("prompt_ids", P, pad_id, True), prompt_mask=join("prompt_mask", P, 0, True),
+                   completion_ids=join("completion_ids", T, pad_id, False),
+                   completion_mask=join("completion_mask", T, 0, False),
+                   truncated=torch.cat([r.truncated[rows] for r, rows, _ in pieces]),
+                   completions=[r.completions[row] for r, rows, _ in pieces for row in rows], group_size=G,
+                   prompts=[r.prompts[g] for r, _, groups in pieces for g in groups if g < len(r.prompts)],
+                   sampling_logps=join("sampling_logps", T, 0.0, False) if has_logps else None)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Prompts
 # ---------------------------------------------------------------------------------------------------

@@ -266,8 +266,9 @@ def test_clipped_loss_gradient_hand_computed():
     assert logps.grad[0, 1].item() == 0.0
 
 
+@pytest.mark.parametrize("importance_level", lambdapo.IMPORTANCE_LEVELS)
 @pytest.mark.parametrize("aggregation", lambdapo.AGGREGATIONS)
-def test_gradient_does_not_depend_on_micro_batch_split(aggregation):
+def test_gradient_does_not_depend_on_micro_batch_split(aggregation, importance_level):
     generator = torch.Generator().manual_seed(1)
     B, T = 6, 5
     old = -torch.rand(B, T, generator=generator)
@@ -278,14 +279,120 @@ def test_gradient_does_not_depend_on_micro_batch_split(aggregation):
     init = old + 0.3 * torch.randn(B, T, generator=generator)
 
     full = init.clone().requires_grad_(True)
-    loss, _ = clipped_policy_loss(full, old, advantages, mask, aggregation=aggregation)
+    loss, _ = clipped_policy_loss(full, old, advantages, mask, aggregation=aggregation, importance_level=importance_level)
     loss.backward()
 
     split = init.clone().requires_grad_(True)
     for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):      # uneven micro-batches
-        micro_loss, _ = clipped_policy_loss(split[rows], old[rows], advantages[rows], mask[rows], aggregation=aggregation)
+        micro_loss, _ = clipped_policy_loss(split[rows], old[rows], advantages[rows], mask[rows], aggregation=aggregation,
+                                            importance_level=importance_level)
         (micro_loss * lambdapo.micro_batch_scale(mask[rows], mask, aggregation)).backward()
     torch.testing.assert_close(split.grad, full.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_sequence_level_ratio_loss_and_gradient_hand_computed():
+    """GSPO: one ratio per completion, s_i = exp(mean over real tokens of log π_θ − log π_old).
+    Row 0: A = +1, log ratios [0.3, −0.1] (+ a padding token at 5.0 that must not count): s_0 = e^0.1 = 1.1052,
+           inside [0.8, 1.2], L_t = −s_0 on its 2 tokens; d L_t / d log π_θ(t') = −s_0 / 2 for each real t'.
+    Row 1: A = −1, log ratios [−0.4, −0.5, −0.6]: s_1 = e^−0.5 = 0.6065 < 0.8, the clipped branch (−0.8 · −1)
+           is the larger loss: L_t = 0.8 on its 3 tokens, no gradient, and all 3 tokens count as clipped."""
+    old = torch.zeros(2, 3)
+    logps = torch.tensor([[0.3, -0.1, 5.0], [-0.4, -0.5, -0.6]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    advantages = torch.tensor([1.0, -1.0])
+    s0 = math.exp(0.1)
+    loss, stats = clipped_policy_loss(logps, old, advantages, mask, importance_level="sequence")
+    assert loss.item() == pytest.approx((2 * -s0 + 3 * 0.8) / 5, abs=1e-6)           # token-mean over 5 tokens
+    assert stats["clip_fraction"] == pytest.approx(3 / 5)
+    loss.backward()
+    # each of row 0's 2 tokens: (1/5) Σ_t' d(−s_0)/d logp_t = (2/5) · (−s_0 / 2) = −s_0 / 5; padding and row 1: 0
+    assert logps.grad.flatten().tolist() == pytest.approx([-s0 / 5, -s0 / 5, 0.0, 0.0, 0.0, 0.0], abs=1e-6)
+    # seq-mean (GSPO's paper form): (−s_0 + 0.8) / 2, and row 0's tokens get (1/2) · (−s_0 / 2)
+    logps.grad = None
+    loss, _ = clipped_policy_loss(logps, old, advantages, mask, aggregation="seq-mean", importance_level="sequence")
+    assert loss.item() == pytest.approx((-s0 + 0.8) / 2, abs=1e-6)
+    loss.backward()
+    assert logps.grad.flatten().tolist() == pytest.approx([-s0 / 4, -s0 / 4, 0.0, 0.0, 0.0, 0.0], abs=1e-6)
+    # the token-level ratio on the same numbers differs: row 0's first token (e^0.3 > 1.2) is clipped, its second
+    # (e^−0.1) is not; row 1's three (e^−0.4 … e^−0.6 < 0.8) are clipped
+    token_loss, _ = clipped_policy_loss(logps, old, advantages, mask)
+    assert token_loss.item() == pytest.approx((-1.2 - math.exp(-0.1) + 3 * 0.8) / 5, abs=1e-6)
+    with pytest.raises(ValueError, match="importance_level"):
+        clipped_policy_loss(logps, old, advantages, mask, importance_level="seq")
+
+
+def test_sequence_level_kl_and_is_weights_stay_per_token():
+    """With β > 0 and TIS weights the sequence ratio changes only the policy-gradient term: the KL is still
+    β · k3 per token, and each token's policy-gradient term is still multiplied by its own weight."""
+    logps = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    old = torch.tensor([[-1.1, -1.9]])                                  # log ratios 0.1, −0.1: s = 1 exactly
+    ref = torch.tensor([[-1.5, -1.0]])
+    weights = torch.tensor([[0.5, 2.0]])
+    loss, stats = clipped_policy_loss(logps, old, torch.tensor([3.0]), torch.ones(1, 2), ref_logps=ref, beta=0.1,
+                                      is_weights=weights, importance_level="sequence")
+    kl = [math.exp(r - l) - (r - l) - 1 for l, r in ((-1.0, -1.5), (-2.0, -1.0))]
+    assert loss.item() == pytest.approx((-3.0 * 0.5 - 3.0 * 2.0 + 0.1 * sum(kl)) / 2, abs=1e-6)
+    assert stats["kl"] == pytest.approx(sum(kl) / 2, abs=1e-6)
+    assert stats["policy_kl"] == pytest.approx(sum(math.exp(-d) + d - 1 for d in (0.1, -0.1)) / 2, abs=1e-7)
+    loss.backward()
+    # policy term: −A · (w_0 + w_1) · s / 2 over 2 tokens, d s / d logp_t = s / 2 = 1/2 for each token
+    pg = -3.0 * (0.5 + 2.0) / 2 / 2
+    expected = [pg + 0.1 * (1 - math.exp(r - l)) / 2 for l, r in ((-1.0, -1.5), (-2.0, -1.0))]
+    assert logps.grad[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def gspo_token_loss(logps, old, advantages, mask, clip_low, clip_high, aggregation):
+    """An independent form of GSPO: the paper's "GSPO-token" ratio s_i,t = sg[s_i] · π_θ(t) / sg[π_θ(t)], with
+    s_i written as a product of token ratios to the power 1/|o_i| (no mean of logs), and the clipped
+    objective per sequence in Python loops. For every sequence its value is s_i and its gradient that of s_i."""
+    losses, token_terms = [], []
+    for i in range(logps.shape[0]):
+        real = [t for t in range(logps.shape[1]) if mask[i, t]]
+        product = torch.ones((), dtype=logps.dtype)
+        for t in real:
+            product = product * torch.exp(logps[i, t] - old[i, t])
+        s_i = product ** (1.0 / len(real))
+        terms = []
+        for t in real:
+            s_it = s_i.detach() * torch.exp(logps[i, t] - logps[i, t].detach())
+            a = advantages[i]
+            terms.append(-torch.minimum(s_it * a, s_it.clamp(1 - clip_low, 1 + clip_high) * a))
+        token_terms.append(terms)
+    if aggregation == "token-mean":
+        return sum(sum(terms) for terms in token_terms) / sum(len(terms) for terms in token_terms)
+    if aggregation == "seq-mean":
+        return sum(sum(terms) / len(terms) for terms in token_terms) / len(token_terms)
+    return sum(sum(terms) for terms in token_terms) / (logps.shape[0] * logps.shape[1])
+
+
+@pytest.mark.parametrize("aggregation", lambdapo.AGGREGATIONS)
+def test_sequence_level_loss_and_gradient_match_an_independent_gspo(aggregation):
+    """Random rows of different lengths, some clipped above, some below, some inside: the loss and its gradient
+    equal the GSPO-token form's, and torch.autograd.gradcheck (finite differences) confirms the gradient."""
+    generator = torch.Generator().manual_seed(3)
+    B, T = 6, 5
+    old = -torch.rand(B, T, generator=generator, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for row, length in enumerate([1, 5, 2, 4, 3, 5]):
+        mask[row, length:] = 0
+    advantages = torch.tensor([1.0, -0.5, 2.0, -1.5, 0.7, -0.3], dtype=torch.float64)
+    shift = torch.tensor([0.02, -0.03, 0.0005, 0.0001, -0.02, 0.03], dtype=torch.float64)[:, None]
+    init = old + shift + 0.01 * torch.randn(B, T, generator=generator, dtype=torch.float64)
+    clip_low, clip_high = 0.01, 0.01                          # |mean log ratio| ≈ |shift|: some rows clip
+    ours = init.clone().requires_grad_(True)
+    loss, stats = clipped_policy_loss(ours, old, advantages, mask, clip_low, clip_high, aggregation=aggregation,
+                                      importance_level="sequence")
+    loss.backward()
+    theirs = init.clone().requires_grad_(True)
+    expected = gspo_token_loss(theirs, old, advantages, mask, clip_low, clip_high, aggregation)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+    assert 0 < stats["clip_fraction"] < 1                     # both branches were exercised
+    assert torch.autograd.gradcheck(lambda x: clipped_policy_loss(x, old, advantages, mask, clip_low, clip_high,
+                                                                  aggregation=aggregation,
+                                                                  importance_level="sequence")[0],
+                                    init.clone().requires_grad_(True))
 
 
 # ===================================================================================================
@@ -329,6 +436,29 @@ def sample_rollout(model, tokenizer, G=3, max_new_tokens=12, seed=0):
     torch.manual_seed(seed)
     prompts = ["1+2=", "345+678=", "9+9="]
     return rollout.generate(model, tokenizer, prompts, G, rollout.SamplingConfig(max_new_tokens=max_new_tokens))
+
+
+def test_keep_groups_repads_rounds_and_keeps_each_rows_logprobs(tiny):
+    """Groups from two rounds of different widths (prompt and completion lengths): the kept rows, re-padded, have
+    the tokens, masks, texts and log-probs they had in their own round, in the order asked for."""
+    model, tokenizer = tiny
+    first = sample_rollout(model, tokenizer, G=2, max_new_tokens=5, seed=0)            # prompts up to 8 characters
+    torch.manual_seed(1)
+    second = rollout.generate(model, tokenizer, ["7+1=", "2+2="], 2, rollout.SamplingConfig(max_new_tokens=9))
+    assert first.prompt_ids.shape[1] != second.prompt_ids.shape[1]
+    assert first.completion_ids.shape[1] != second.completion_ids.shape[1]
+    kept = rollout.keep_groups([(first, [2, 1]), (second, [1])], tokenizer.pad_token_id)
+    rows = [(first, 4), (first, 5), (first, 2), (first, 3), (second, 2), (second, 3)]
+    assert kept.completions == [r.completions[i] for r, i in rows]
+    assert kept.truncated.tolist() == [bool(r.truncated[i]) for r, i in rows]
+    assert kept.completion_mask.sum(1).tolist() == [int(r.completion_mask[i].sum()) for r, i in rows]
+    with torch.no_grad():
+        logps = rollout.token_logprobs(model, kept.input_ids, kept.attention_mask, kept.completion_mask)
+        for k, (r, i) in enumerate(rows):
+            own = rollout.token_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask)[i]
+            length = int(r.completion_mask[i].sum())
+            torch.testing.assert_close(logps[k, :length], own[:length], atol=1e-5, rtol=1e-5)
+            assert logps[k, length:].abs().sum() == 0
 
 
 def test_token_logprobs_match_plain_forward(tiny, monkeypatch):
@@ -990,8 +1120,17 @@ def oracle_advantages(algo, r, ell, tau, scale_by_std):
 
 
 def oracle_loss(logps, old, ref, A, mask, options, is_weights=None):
-    """The clipped surrogate + k3 KL of docs/design.md §1 over the rows given (one whole mini-batch)."""
-    ratio = torch.exp(logps - old)
+    """The clipped surrogate + k3 KL of docs/design.md §1 over the rows given (one whole mini-batch).
+    With importance_level "sequence" (GSPO) each row's tokens share exp(mean over its real tokens of the log ratio)."""
+    if options.get("importance_level", "token") == "sequence":
+        rows = []
+        for i in range(logps.shape[0]):
+            real = mask[i].bool()
+            log_s = (logps[i][real] - old[i][real]).mean() if real.any() else logps.new_zeros(())
+            rows.append(torch.exp(log_s).expand(logps.shape[1]))
+        ratio = torch.stack(rows)
+    else:
+        ratio = torch.exp(logps - old)
     clipped_ratio = ratio.clamp(1 - options["clip_low"], 1 + options["clip_high"])
     pg = -torch.minimum(ratio * A[:, None], clipped_ratio * A[:, None])
     if is_weights is not None:
@@ -1088,16 +1227,23 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
         train.main(args)
     finally:
         spy.close()
+    for name in ("clip_low", "clip_high"):              # a case may leave them to the preset: what the run chose
+        options[name] = json.loads((out_dir / "config.json").read_text())[name]
 
     tokenizer = toy.build_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(out_dir / "initial", dtype=torch.float32).eval()
     params = [p for p in model.parameters()]
-    records = {r["prompt"]: r for r in data.load_train_dataset(dataset, seed=options["seed"])}
+    record_list = data.load_train_dataset(dataset, seed=options["seed"])
+    records = {r["prompt"]: r for r in record_list}
     G, T_sample = options["group_size"], options["temperature"]
     scale_by_std = {"auto": None, "true": True, "false": False}[options["scale_by_std"]]
-    per_step = options["epochs"] * options["mini_batches"]
-    assert len(spy.rollouts) == options["num_steps"]
-    assert len(spy.steps) == options["num_steps"] * per_step                 # every epoch, every mini-batch
+    dynamic = str(options.get("dynamic_sampling", False)).lower() == "true"
+    # every round of sampling reads the next prompts_per_step prompts of one seeded order (records_at)
+    assert [p for prompts in spy.prompts for p in prompts] == [
+        r["prompt"] for r in train.prompt_batch(record_list, 0, len(spy.prompts) * options["prompts_per_step"],
+                                                options["seed"])]
+    if not dynamic:
+        assert len(spy.rollouts) == options["num_steps"]
     metrics = [m for m in read_jsonl(out_dir / "metrics.jsonl") if "reward" in m]
     assert len(metrics) == options["num_steps"]
 
@@ -1112,31 +1258,80 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
 
     generator = torch.Generator().manual_seed(options["seed"])              # the documented mini-batch order
     seen = {"advantages": [], "truncated": 0, "finished": 0, "clipped_tokens": 0.0, "norm_clipped": 0, "kl": 0.0,
-            "batches": [], "right": 0, "wrong": 0}
-    for step, (result, prompts, sampling) in enumerate(zip(spy.rollouts, spy.prompts, spy.samplings)):
-        assert sampling.temperature == T_sample and sampling.top_p == 1.0 and not sampling.greedy
-        optimizer_steps = spy.steps[step * per_step:(step + 1) * per_step]
+            "batches": [], "right": 0, "wrong": 0, "rounds": [], "groups_sampled": 0, "groups_trained": 0,
+            "surplus": 0}
+    rounds = list(zip(spy.rollouts, spy.prompts, spy.samplings))            # every generate call, in order
+    first_update, step_starts = 0, []                                       # where each RL step's updates begin
+    for step in range(options["num_steps"]):
+        # --- this step's rounds of sampling: one, or with dynamic sampling as many as the rule asks for ---
+        P, eos = options["prompts_per_step"], tokenizer.eos_token_id
+        step_rounds, kept, with_spread = [], [], 0
+        while True:
+            result, prompts, sampling = rounds.pop(0)
+            assert sampling.temperature == T_sample and sampling.top_p == 1.0 and not sampling.greedy
+            is_eos = (result.completion_ids == eos).long()
+            round_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()          # up to and including the first EOS
+            round_r = []
+            for row, text in enumerate(result.completions):
+                record = records[prompts[row // G]]
+                round_r.append(rewards.accuracy_reward(text, record["answer"])
+                               + options["rouge_weight"] * rewards.rouge_l_reward(text, record["solution"]))
+            step_rounds.append((result, prompts, round_mask, is_eos.sum(1) == 0, round_r))
+            for g in range(len(prompts)):
+                spread = max(round_r[g * G:(g + 1) * G]) != min(round_r[g * G:(g + 1) * G])
+                with_spread += spread
+                if dynamic and spread and len(kept) < P:
+                    kept.append((len(step_rounds) - 1, g))
+            if not dynamic or len(kept) >= P or len(step_rounds) == options["max_generation_rounds"]:
+                break
+        if not kept:                               # no dynamic sampling, or nothing kept: the last round, whole
+            kept = [(len(step_rounds) - 1, g) for g in range(len(step_rounds[-1][1]))]
+        seen["surplus"] += with_spread - len(kept) if with_spread else 0       # groups with a spread, dropped
+        seen["rounds"].append(len(step_rounds))
+        seen["groups_sampled"] += sum(len(prompts) for _, prompts, _, _, _ in step_rounds)
+        seen["groups_trained"] += len(kept)
+        # --- the trained rows, re-padded here: prompts on the left, completions on the right, masks 0 there ---
+        rows_of = [(step_rounds[i], g * G + k) for i, g in kept for k in range(G)]
+        P_max = max(rnd[0].prompt_ids.shape[1] for rnd, _ in rows_of)
+        T_max = max(rnd[0].completion_ids.shape[1] for rnd, _ in rows_of)
+
+        def padded(ids, width, left):                                       # (w,) token ids -> (width,)
+            fill = ids.new_full((width - ids.shape[0],), tokenizer.pad_token_id)
+            return torch.cat([fill, ids] if left else [ids, fill])
+
+        prompt_ids = torch.stack([padded(rnd[0].prompt_ids[row], P_max, True) for rnd, row in rows_of])
+        prompt_mask = torch.stack([torch.cat([torch.zeros(P_max - rnd[0].prompt_ids.shape[1], dtype=torch.long),
+                                              rnd[0].prompt_mask[row].long()]) for rnd, row in rows_of])
+        completion_ids = torch.stack([padded(rnd[0].completion_ids[row], T_max, False) for rnd, row in rows_of])
+        mask = torch.stack([torch.cat([rnd[2][row], torch.zeros(T_max - rnd[2].shape[1], dtype=torch.long)])
+                            for rnd, row in rows_of])
+        truncated = torch.stack([rnd[3][row] for rnd, row in rows_of])
+        sampling_logps = None
+        if step_rounds[0][0].sampling_logps is not None:
+            sampling_logps = torch.stack([torch.cat([rnd[0].sampling_logps[row],
+                                                     torch.zeros(T_max - rnd[0].completion_ids.shape[1])])
+                                          for rnd, row in rows_of])
+        completions = [rnd[0].completions[row] for rnd, row in rows_of]
+        prompts = [step_rounds[i][1][g] for i, g in kept]
+        r = [rnd[4][row] for rnd, row in rows_of]
+        B = len(r)
+        per_step = options["epochs"] * min(options["mini_batches"], B)
+        optimizer_steps = spy.steps[first_update:first_update + per_step]
+        assert len(optimizer_steps) == per_step                             # every epoch, every mini-batch
+        step_starts.append(first_update)
+        first_update += per_step
         # π_old is the policy the step started from; π_ref the initial policy
-        ids = torch.cat([result.prompt_ids, result.completion_ids], 1)
-        completion_ids = result.completion_ids
-        eos = tokenizer.eos_token_id
-        is_eos = (completion_ids == eos).long()
-        mask = ((is_eos.cumsum(1) - is_eos) == 0).long()                    # up to and including the first EOS
-        truncated = is_eos.sum(1) == 0
-        attention = torch.cat([result.prompt_mask, mask], 1)
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        attention = torch.cat([prompt_mask, mask], 1)
         seen["truncated"] += int(truncated.sum())
         seen["finished"] += int((~truncated).sum())
         old = forward(optimizer_steps[0]["weights"], ids, attention, completion_ids).detach()
         ref = forward(spy.steps[0]["weights"], ids, attention, completion_ids).detach()
-        if result.sampling_logps is not None:                               # the sampler is π_old at T
-            torch.testing.assert_close(result.sampling_logps * mask, old * mask, atol=1e-4, rtol=1e-4)
-        # rewards, grouped by prompt (rows i·G … i·G+G−1 belong to prompts[i])
-        r = []
-        for row, text in enumerate(result.completions):
-            record = records[prompts[row // G]]
-            accuracy = rewards.accuracy_reward(text, record["answer"])
-            seen["right" if accuracy else "wrong"] += 1
-            r.append(accuracy + options["rouge_weight"] * rewards.rouge_l_reward(text, record["solution"]))
+        if sampling_logps is not None:                                      # the sampler is π_old at T
+            torch.testing.assert_close(sampling_logps * mask, old * mask, atol=1e-4, rtol=1e-4)
+        # rewards, grouped by prompt (rows i·G … i·G+G−1 belong to prompts[i]), computed with the rounds above
+        for row, text in enumerate(completions):
+            seen["right" if rewards.accuracy_reward(text, records[prompts[row // G]]["answer"]) else "wrong"] += 1
         # sequence scores and advantages, group by group
         token_sums = (old * mask).sum(1)
         ell = token_sums / mask.sum(1) if options["seq_logp"] == "mean" else token_sums
@@ -1152,11 +1347,11 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
         loss_mask = mask * (~truncated).long()[:, None] if options["mask_truncated"] else mask
         is_weights = None
         if options["tis_cap"]:
-            is_weights = torch.exp(old - result.sampling_logps).clamp(max=options["tis_cap"]) * mask
+            is_weights = torch.exp(old - sampling_logps).clamp(max=options["tis_cap"]) * mask
         # the optimizer steps of this RL step
         losses, norms, clipped_tokens, kl_sum, policy_kl_sum, tokens = [], [], 0.0, 0.0, 0.0, 0.0
         orders = [torch.randperm(len(r), generator=generator) for _ in range(options["epochs"])]
-        mini_batches = [rows for order in orders for rows in order.tensor_split(options["mini_batches"])]
+        mini_batches = [rows for order in orders for rows in order.tensor_split(min(options["mini_batches"], B))]
         for observed, rows in zip(optimizer_steps, mini_batches):
             logps = forward(observed["weights"], ids[rows], attention[rows], completion_ids[rows])
             model.zero_grad()
@@ -1188,7 +1383,7 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
         logged = metrics[step]
         assert logged["reward"] == pytest.approx(sum(r) / len(r), abs=1e-6)
         assert logged["accuracy"] == pytest.approx(sum(rewards.accuracy_reward(text, records[prompts[row // G]]["answer"])
-                                                       for row, text in enumerate(result.completions)) / len(r))
+                                                       for row, text in enumerate(completions)) / len(r))
         assert logged["advantages/abs_mean"] == pytest.approx(A.abs().mean().item(), abs=1e-5)
         assert logged["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
         assert logged["clip_fraction"] == pytest.approx(clipped_tokens / max(tokens, 1), abs=1e-6)
@@ -1196,6 +1391,15 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
         assert logged["completions/clipped_ratio"] == pytest.approx(truncated.float().mean().item())
         assert logged["reward/grader_errors"] == 0
         assert logged["lampo/tau"] == pytest.approx(tau, rel=1e-5)
+        if dynamic:     # the sampling cost and the filter's pass rate, as the rounds above recount them
+            sampled = sum(len(prompts) for _, prompts, _, _, _ in step_rounds)
+            assert logged["dynamic_sampling/rounds"] == len(step_rounds)
+            assert logged["dynamic_sampling/groups_kept"] == (len(kept) if with_spread else 0)
+            assert logged["dynamic_sampling/kept_share"] == pytest.approx(with_spread / sampled)
+            assert logged["dynamic_sampling/completions_generated"] == sampled * G
+            assert logged["dynamic_sampling/completions_total"] == (len(spy.prompts) - len(rounds)) * P * G
+        else:
+            assert not any(key.startswith("dynamic_sampling/") for key in logged)
         if options["beta"] > 0:
             # relative: a float32 sum over the step's tokens (a KL near 1.6 after a large --lr step: 1e-6 absolute
             # is below float32's resolution of a differently ordered sum)
@@ -1211,6 +1415,7 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
             entropy = -(logp_all.exp() * logp_all).sum(-1)
         assert logged["entropy"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-4)
         assert logged["completions/mean_length"] == pytest.approx(mask.sum(1).float().mean().item())
+    assert not rounds and first_update == len(spy.steps)                    # every rollout and update accounted for
     # AdamW, fed the (now verified) gradients, reproduces every step's weights and final/
     weights = [w.clone().requires_grad_(True) for w in spy.steps[0]["weights"]]
     adam = torch.optim.AdamW(weights, lr=options["lr"], weight_decay=options["weight_decay"])
@@ -1227,10 +1432,10 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
         torch.testing.assert_close(w.detach(), p.detach(), atol=1e-6, rtol=0)
     # The direction: over each RL step, Σ_i A_i · log π(o_i) (the log-likelihood of the completions
     # weighted by their advantages) rises: completions with A > 0 became likelier, those with A < 0 less so.
-    ends = [s["weights"] for s in spy.steps[per_step::per_step]] + [[p.detach() for p in final.parameters()]]
+    ends = [spy.steps[i]["weights"] for i in step_starts[1:]] + [[p.detach() for p in final.parameters()]]
     seen["objective"] = []
     for step, (ids, attention, completion_ids, A, loss_mask) in enumerate(seen["batches"]):
-        start = spy.steps[step * per_step]["weights"]
+        start = spy.steps[step_starts[step]]["weights"]
         with torch.no_grad():
             before, after = (forward(w, ids, attention, completion_ids) for w in (start, ends[step]))
         seen["objective"].append([float((A * (logps * loss_mask).sum(1)).sum()) for logps in (before, after)])
@@ -1255,6 +1460,9 @@ LOOP_CASES = {
     "dr_grpo": {"algo": "dr_grpo"},
     "rloo": {"algo": "rloo", "tau": 0.3},
     "fast engine, TIS": {"rollout_engine": "fast", "tis_cap": 0.5, "beta": 0.5},
+    # GSPO: one ratio per completion; a clip range at which some sequences clip and others do not
+    "importance_level sequence": {"importance_level": "sequence", "clip_low": 0.05, "clip_high": 0.1,
+                                  "epochs": 2, "lr": 1e-4},
 }
 
 
@@ -1267,6 +1475,68 @@ def test_training_loop_oracle_with_right_and_wrong_answers(answers_world, tmp_pa
     assert all(after > before for before, after in seen["objective"]), seen["objective"]
 
 
+def sums_file(path, answers=("3", "4", "3", "9")):
+    """A training file of sums the answers_world model answers "3" to about half the time: the problems whose gold
+    is 3 get groups with right and wrong answers, the others almost always all wrong (no reward spread)."""
+    problems = [{"problem": q, "answer": a, "solution": f"{q}{a}"} for q, a in zip(("1+2=", "2+2=", "0+3=", "5+4="), answers)]
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    return str(path)
+
+
+def test_training_loop_oracle_with_dynamic_sampling(answers_world, tmp_path, monkeypatch):
+    """--dynamic_sampling recomputed from outside: the oracle regrades every round, keeps the groups with a reward
+    spread in data order until prompts_per_step are kept or max_generation_rounds are spent, rebuilds the
+    trained batch from the kept rows of several rounds, and checks the gradients, the weights and the logged
+    rounds, kept share and sampling cost. Every round read the next prompts of the run's one seeded order."""
+    model_dir, _ = answers_world
+    problems = sums_file(tmp_path / "sums.jsonl", answers=("3", "4", "3", "3"))
+    seen = run_loop_oracle(model_dir, tmp_path / "run", monkeypatch, dataset=problems, rouge_weight=0.0,
+                           dynamic_sampling="true", max_generation_rounds=3, num_steps=3, mini_batches=4,
+                           micro_batch_size=4)
+    assert max(seen["rounds"]) > 1 and seen["groups_trained"] < seen["groups_sampled"]   # the filter acted
+    assert seen["surplus"] > 0                               # and a last round had more groups than were needed
+    assert all(A.abs().sum() > 0 for A in seen["advantages"])
+    assert all(after > before for before, after in seen["objective"]), seen["objective"]
+
+
+def test_dynamic_sampling_resumes_exactly_and_is_reproducible(answers_world, tmp_path):
+    """The prompt position (how many prompts the extra rounds read) is in the checkpoint: a run stopped after step 2
+    and resumed equals the uninterrupted one, and the same seed gives the same run."""
+    import train
+    model_dir, _ = answers_world
+    problems = sums_file(tmp_path / "sums.jsonl")
+    extra = ("--dataset", problems, "--eval_benchmark", "none", "--rouge_weight", "0", "--dynamic_sampling",
+             "--prompts_per_step", "1", "--group_size", "4", "--save_every", "1")
+    straight, again, resumed = tmp_path / "straight", tmp_path / "again", tmp_path / "resumed"
+    train.main(tiny_args(model_dir, straight, "--num_steps", "4", *extra))
+    train.main(tiny_args(model_dir, again, "--num_steps", "4", *extra))
+    train.main(tiny_args(model_dir, resumed, "--num_steps", "2", *extra))
+    train.main(tiny_args(model_dir, resumed, "--num_steps", "4", "--resume", *extra))
+    a, b, c = (read_jsonl(path / "metrics.jsonl") for path in (straight, resumed, again))
+    rounds = [m["dynamic_sampling/rounds"] for m in a]
+    assert sum(rounds) > len(rounds)                         # extra rounds: the position is not step · prompts_per_step
+    keys = [k for k in a[0] if not k.startswith("time/") and k != "tokens_per_second"]
+    for x, y, z in zip(a, b, c):
+        assert [x[k] for k in keys] == pytest.approx([y[k] for k in keys], abs=1e-6)
+        assert [x[k] for k in keys] == [z[k] for k in keys]
+    assert read_jsonl(straight / "samples.jsonl") == read_jsonl(resumed / "samples.jsonl")
+    from transformers import AutoModelForCausalLM
+    wa = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(resumed / "final").state_dict()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-5)
+
+
+def test_importance_level_sequence_presets_gspos_clip_range():
+    import train
+    assert (train.parse_config([]).clip_low, train.parse_config([]).clip_high) == (0.2, 0.2)
+    gspo = train.parse_config(["--importance_level", "sequence"])
+    assert (gspo.clip_low, gspo.clip_high) == (3e-4, 4e-4)                       # GSPO's paper, §5.1
+    mixed = train.parse_config(["--importance_level", "sequence", "--clip_high", "0.01"])
+    assert (mixed.clip_low, mixed.clip_high) == (3e-4, 0.01)                    # an explicit value wins
+    assert train.parse_config(["--clip_low", "0.1"]).clip_high == 0.2
+
+
 @pytest.mark.parametrize("case", list(LOOP_CASES))
 def test_training_loop_matches_an_independent_oracle(eos_model_dir, tmp_path, monkeypatch, case):
     seen = run_loop_oracle(eos_model_dir, tmp_path / "run", monkeypatch, **LOOP_CASES[case])
@@ -1274,8 +1544,10 @@ def test_training_loop_matches_an_independent_oracle(eos_model_dir, tmp_path, mo
     assert seen["truncated"] > 0 and seen["finished"] > 0                   # masks and truncation both mattered
     assert all(after > before for before, after in seen["objective"]), seen["objective"]
     options = {**LOOP_DEFAULTS, **LOOP_CASES[case]}
-    if options["clip_low"] < 0.01:
-        assert seen["clipped_tokens"] > 0 and seen["norm_clipped"] > 0     # both clips really acted
+    if options["clip_low"] <= 0.05:
+        assert seen["clipped_tokens"] > 0                                   # the clip really acted
+    if case == "tight clip and grad norm":
+        assert seen["norm_clipped"] > 0                                     # and so did the norm clip
     if options["beta"] > 0:
         assert seen["kl"] > 0                                               # π_θ left π_ref: the KL had a gradient
 
@@ -1675,6 +1947,33 @@ def test_compare_paired_statistics_by_hand(tmp_path):
     # a seed only one side finished is left out of the pairing
     summary = compare.summarize(statuses[:-1], ["base", "new"], [0, 1, 2, 3], threshold=0.6, baseline="base")
     assert summary["new"]["vs_baseline"]["seeds"] == [0, 1, 2]
+
+
+def test_compare_sampling_cost_by_hand(tmp_path):
+    """Completions per kept group (a trained group with a reward spread), with and without dynamic sampling."""
+    import compare
+    runs = {"grpo": [{"reward": 0.5, "frac_reward_zero_std": 0.5}, {"reward": 0.5, "frac_reward_zero_std": 0.0}],
+            "grpo --dynamic_sampling": [
+                {"reward": 0.5, "frac_reward_zero_std": 0.0, "dynamic_sampling/completions_generated": 16,
+                 "dynamic_sampling/groups_kept": 2},
+                {"reward": 0.5, "frac_reward_zero_std": 0.0, "dynamic_sampling/completions_generated": 24,
+                 "dynamic_sampling/groups_kept": 1}]}
+    statuses = []
+    for run, rows in runs.items():
+        folder = tmp_path / compare.slug(run) / "seed-0"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"prompts_per_step": 2, "group_size": 4}))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, **row}) + "\n" for i, row in enumerate(rows))
+                                              + json.dumps({"step": 2, "eval/accuracy": 0.5}) + "\n")
+        statuses.append({"run": run, "seed": 0, "folder": str(folder), "returncode": 0, "wall_seconds": 1.0, "error": None})
+    summary = compare.summarize(statuses, list(runs), [0], threshold=0.8)
+    # without the filter: 2 steps × 2 prompts × G = 4 completions; kept groups 2 · (1 − 0.5) + 2 · 1 = 3
+    assert summary["grpo"]["completions_generated_mean"] == 16
+    assert summary["grpo"]["completions_per_kept_group_mean"] == pytest.approx(16 / 3)
+    # with it: what the steps logged, 16 + 24 completions for 2 + 1 kept groups
+    assert summary["grpo --dynamic_sampling"]["completions_generated_mean"] == 40
+    assert summary["grpo --dynamic_sampling"]["completions_per_kept_group_mean"] == pytest.approx(40 / 3)
+    assert "| `grpo --dynamic_sampling` | 40 | 13.33 |" in compare.markdown(summary)
 
 
 # ===================================================================================================
@@ -2808,6 +3107,7 @@ def malformed_jsonl(tmp_path):
     (["--dataset", "mathh"], "--dataset mathh: not toy, toy_hard, math, gsm8k"),                # a typo, not a Hub query
     (["--lora_rank", "2", "--lora_target_modules", "qq_proj"], "LoRA: Target modules {'qq_proj'} not found"),
     (["--lora_alpha", "4"], "need --lora_rank R > 0"),                                 # given, would be ignored
+    (["--dynamic_sampling", "--max_generation_rounds", "0"], "--max_generation_rounds must be at least 1, got 0"),
 ])
 def test_train_nonsense_values_give_one_line_errors(tiny_model_dir, tmp_path, malformed_jsonl, extra, message):
     import train

@@ -45,7 +45,7 @@ from eval import OneLineErrorParser, evaluate, parse_bool
 from engine import make_engine, make_lora_engine
 from models import (ModelLoadError, adapters_disabled, add_lora, check_model_name, load_model,
                     parameter_counts, parse_target_modules, resolve_device, save_model)
-from rollout import SamplingConfig, generate, token_logprobs
+from rollout import SamplingConfig, generate, keep_groups, token_logprobs
 
 
 # ===================================================================================================
@@ -79,8 +79,13 @@ class Config:
                                        "models, mean/sum and training time (lambdapo.relative_tau)")
     seq_logp: str = option("mean", "LamPO sequence score ℓ_i: mean (length-normalised) or sum of token log-probs")
     scale_by_std: str = option("auto", "divide advantages by the group reward std: auto (grpo yes, others no) | true | false")
-    clip_low: float = option(0.2, "ε_low: the ratio is clipped below at 1 − ε_low")
-    clip_high: float = option(0.2, "ε_high: the ratio is clipped above at 1 + ε_high (DAPO uses 0.28)")
+    clip_low: float = option(None, "ε_low: the ratio is clipped below at 1 − ε_low (preset: 0.2; 3e-4 with "
+                                   "--importance_level sequence, GSPO's)")
+    clip_high: float = option(None, "ε_high: the ratio is clipped above at 1 + ε_high (preset: 0.2; 4e-4 with "
+                                    "--importance_level sequence, GSPO's; DAPO's clip-higher is 0.28)")
+    importance_level: str = option("token", "the ratio in the clipped surrogate: token (PPO/GRPO: π_θ / π_old per "
+                                            "token) | sequence (GSPO: one ratio per completion, the geometric mean "
+                                            "of its token ratios; its clip range is ~1000× narrower)")
     beta: float = option(0.0, "k3 KL penalty weight to the initial policy; > 0 loads a frozen reference copy")
     aggregation: str = option("token-mean", "loss aggregation: token-mean (DAPO) | seq-mean (GRPO) | fixed-length (Dr. GRPO)")
     rouge_weight: float = option(0.1, "α in r = accuracy + α·ROUGE-L-F(completion, reference solution); 0 disables")
@@ -90,6 +95,11 @@ class Config:
                                  "bf16 sampler and the float32 π_old (as TRL/verl do for vLLM); 0 = off")
     # sampling
     group_size: int = option(8, "G, completions per prompt (≥ 2)")
+    dynamic_sampling: bool = option(False, "DAPO's dynamic sampling: train only on groups whose rewards differ "
+                                           "(an all-equal group has no advantage); sample further prompts, "
+                                           "prompts_per_step at a time, until prompts_per_step such groups are "
+                                           "kept or max_generation_rounds rounds are spent")
+    max_generation_rounds: int = option(3, "with --dynamic_sampling: rounds of sampling per step at most")
     prompts_per_step: int = option(None, "prompts per step (preset: 16 toy, 32 LLM)")
     max_new_tokens: int = option(None, "completion budget in tokens (preset: 48 toy, 64 toy_hard, 1024 LLM)")
     temperature: float = option(1.0, "sampling temperature; log-probs use the same temperature")
@@ -161,11 +171,14 @@ LORA_PRESETS = {
     "toy": dict(lr=5e-4),
     "llm": dict(lr=1e-5, generation_batch_size=64),
 }
+# (ε_low, ε_high) per --importance_level: PPO/GRPO's symmetric 0.2, and GSPO's (arXiv 2507.18071, §5.1)
+CLIP_PRESETS = {"token": (0.2, 0.2), "sequence": (3e-4, 4e-4)}
 
 
 def parse_config(argv=None) -> Config:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     choices = {"algo": ["lampo", "grpo", "dr_grpo", "rloo"], "aggregation": list(lambdapo.AGGREGATIONS),
+               "importance_level": list(lambdapo.IMPORTANCE_LEVELS),
                "seq_logp": ["mean", "sum"], "rollout_engine": ["auto", "fast", "plain"], "scale_by_std": ["auto", "true", "false"],
                "report_to": list(TRACKERS) + ["none"],
                "eval_benchmark": list(data.BENCHMARKS) + ["none"]}
@@ -187,6 +200,11 @@ def parse_config(argv=None) -> Config:
             setattr(config, name, value)
     if config.lora_alpha is None:
         config.lora_alpha = 2.0 * config.lora_rank
+    # The clip range follows the ratio: PPO's ±0.2 for a token's ratio, GSPO's 3e-4 / 4e-4 for a sequence's
+    # (a mean of hundreds of log ratios moves far less than one of them). An explicit value always wins.
+    clip_low, clip_high = CLIP_PRESETS[config.importance_level]
+    config.clip_low = clip_low if config.clip_low is None else config.clip_low
+    config.clip_high = clip_high if config.clip_high is None else config.clip_high
     if config.eval_max_new_tokens is None:
         config.eval_max_new_tokens = config.max_new_tokens
     return config
@@ -214,6 +232,7 @@ RANGES = {
     "weight_decay": (lambda v: 0 <= v and finite(v), "a finite number >= 0"),
     "max_grad_norm": (lambda v: v > 0, "> 0 (inf: no clipping)"),
     "micro_batch_size": (lambda v: v is None or v >= 1, "at least 1"),
+    "max_generation_rounds": (lambda v: v >= 1, "at least 1"),
     "eval_every": (lambda v: v >= 0, ">= 0 (0: only before and after training)"),
     "save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
     "keep_checkpoints": (lambda v: v >= 1, "at least 1"),
@@ -282,7 +301,8 @@ def check_config(config: Config) -> None:
 # optimizer state is that of the adapters: a checkpoint is small. initial/ and final/ are always full,
 # merged model folders (models.save_model).
 # ===================================================================================================
-def save_checkpoint(out_dir: Path, step: int, policy, tokenizer, optimizer, scheduler, generator, keep: int) -> Path:
+def save_checkpoint(out_dir: Path, step: int, policy, tokenizer, optimizer, scheduler, generator, keep: int,
+                    prompt_position: int | None = None) -> Path:
     path = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -291,6 +311,7 @@ def save_checkpoint(out_dir: Path, step: int, policy, tokenizer, optimizer, sche
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "update_rng": generator.get_state(),
+                "prompt_position": prompt_position,          # prompts read so far (dynamic sampling reads more)
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                tmp / "trainer_state.pt")
     shutil.rmtree(path, ignore_errors=True)
@@ -313,8 +334,9 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def restore_trainer_state(checkpoint: Path, optimizer, scheduler, generator) -> int:
-    """Load optimizer, scheduler and every RNG from a checkpoint; return its step."""
+def restore_trainer_state(checkpoint: Path, optimizer, scheduler, generator) -> tuple[int, int | None]:
+    """Load optimizer, scheduler and every RNG from a checkpoint; return its step and prompt position (None in
+    a checkpoint that predates it: then every step read exactly prompts_per_step prompts)."""
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -323,7 +345,7 @@ def restore_trainer_state(checkpoint: Path, optimizer, scheduler, generator) -> 
     generator.set_state(state["update_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"]
+    return state["step"], state.get("prompt_position")
 
 
 def forget_logs_after(out_dir: Path, step: int) -> None:
@@ -342,8 +364,15 @@ def forget_logs_after(out_dir: Path, step: int) -> None:
 def prompt_batch(records: list[dict], step: int, prompts_per_step: int, seed: int) -> list[dict]:
     """The records of one step: a seeded shuffle of the dataset per epoch, read in order (stateless,
     so that --resume continues with exactly the prompts the interrupted run would have seen)."""
+    return records_at(records, step * prompts_per_step, prompts_per_step, seed)
+
+
+def records_at(records: list[dict], start: int, count: int, seed: int) -> list[dict]:
+    """`count` records from position `start` in the seeded order (one shuffle per epoch). The loop keeps the position:
+    step k reads from k · prompts_per_step, unless --dynamic_sampling read further prompts in earlier steps;
+    either way every run reads one fixed sequence of prompts, and a checkpoint stores where it stands."""
     batch = []
-    for position in range(step * prompts_per_step, (step + 1) * prompts_per_step):
+    for position in range(start, start + count):
         epoch, index = divmod(position, len(records))
         order = list(range(len(records)))
         random.Random(seed * 100_003 + epoch).shuffle(order)
@@ -479,13 +508,87 @@ def sampler_gap(old_logps: torch.Tensor, sampling_logps: torch.Tensor | None, ma
     return stats, weights
 
 
+def next_prompts(s: "Setup", config: Config) -> list[dict]:
+    """The next prompts_per_step records of the run's seeded order; advances the position a checkpoint stores."""
+    batch = records_at(s.records, s.prompt_position, config.prompts_per_step, config.seed)
+    s.prompt_position += len(batch)
+    return batch
+
+
+def sample(s: "Setup", batch: list[dict], group_size: int):
+    """G completions for each record's prompt from the current policy (π_old). -> rollout.Rollout"""
+    return generate(s.policy, s.tokenizer, [r["prompt"] for r in batch], group_size, s.sampling,
+                    chat_template_kwargs=s.template_kwargs, autocast_dtype=s.autocast_dtype, engine=s.engine)
+
+
+def grade(config: Config, batch: list[dict], completions: list[str]) -> list[dict]:
+    """rewards.reward of every completion against its own record (row b belongs to record b // G)."""
+    G = config.group_size
+    return [rewards.reward(completion, batch[row // G]["answer"], batch[row // G].get("solution"),
+                           config.rouge_weight, batch[row // G].get("task", "math"))
+            for row, completion in enumerate(completions)]
+
+
+def dynamic_sampling(s: "Setup", config: Config, batch: list[dict], rollout, scored: list[dict],
+                     timings: dict) -> tuple[list[dict], object, list[dict], dict]:
+    """DAPO's dynamic sampling (Yu et al. 2025, arXiv 2503.14476, §3.2): train only on groups with a reward spread.
+
+    A group whose G rewards are all equal has A = 0 under every advantage here (GRPO, Dr. GRPO, RLOO, LamPO),
+    so it adds nothing to the gradient but dilutes the token-mean. The rule:
+      - round 1 is the step's ordinary batch; its groups with max r > min r are kept, in data order;
+      - while fewer than prompts_per_step are kept and fewer than max_generation_rounds rounds were sampled,
+        the next prompts_per_step prompts of the run's order are sampled and graded (a round is one ordinary
+        step's rollout, so memory never exceeds a step without dynamic sampling);
+      - the step trains on the first prompts_per_step kept groups; the rest of the last round is dropped
+        (its prompts count as read: every run reads one fixed sequence of prompts);
+      - if no round had a group with a spread, the step trains on the last round as it is (all A = 0: only
+        β's KL and AdamW's momentum move the weights, exactly as without dynamic sampling).
+    Returns (batch, rollout, scored) of the kept groups and the dynamic_sampling/* metrics; adds the rounds'
+    time to timings["time/rollout"] and ["time/reward"].
+    """
+    G, P = config.group_size, config.prompts_per_step
+    rounds = [(batch, rollout, scored)]
+    kept, with_spread = [], 0                            # kept: (round, group) pairs, in data order
+    while True:
+        batch, rollout, scored = rounds[-1]
+        for group in range(len(batch)):
+            r = [scored[group * G + k]["reward"] for k in range(G)]
+            if max(r) > min(r):                          # a spread: the group carries an advantage
+                with_spread += 1
+                if len(kept) < P:
+                    kept.append((len(rounds) - 1, group))
+        if len(kept) >= P or len(rounds) >= config.max_generation_rounds:
+            break
+        tick = time.time()
+        batch = next_prompts(s, config)
+        rollout = sample(s, batch, G)
+        timings["time/rollout"] += time.time() - tick
+        tick = time.time()
+        rounds.append((batch, rollout, grade(config, batch, rollout.completions)))
+        timings["time/reward"] += time.time() - tick
+    generated = sum(len(b) for b, _, _ in rounds)                            # groups sampled this step
+    stats = {"dynamic_sampling/rounds": len(rounds), "dynamic_sampling/groups_kept": len(kept),
+             "dynamic_sampling/kept_share": with_spread / generated,         # groups with a spread / sampled
+             "dynamic_sampling/completions_generated": generated * G,       # this step's sampling cost
+             "dynamic_sampling/completions_total": s.prompt_position * G,   # the run's, up to this step
+             "dynamic_sampling/accuracy_generated":                         # as a run without the filter sees it
+                 sum(row["accuracy"] for _, _, sc in rounds for row in sc) / (generated * G)}
+    if not kept:
+        return (*rounds[-1], stats)
+    pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
+    rollout = keep_groups([(r, [g for i, g in kept if i == index]) for index, (_, r, _) in enumerate(rounds)], pad_id)
+    batch = [rounds[i][0][g] for i, g in kept]
+    scored = [rounds[i][2][g * G + k] for i, g in kept for k in range(G)]
+    return batch, rollout, scored, stats
+
+
 def micro_batch_loss(config: "Config", logps, old_logps, advantages, loss_mask, full_mask, ref_logps=None,
                      is_weights=None) -> tuple[torch.Tensor, float, dict]:
     """The clipped loss of one micro-batch, scaled to its share of the mini-batch (global denominator).
     Returns (scaled loss to backpropagate, scale, stats)."""
     loss, stats = lambdapo.clipped_policy_loss(logps, old_logps, advantages, loss_mask, config.clip_low,
                                                config.clip_high, ref_logps, config.beta, config.aggregation,
-                                               is_weights=is_weights)
+                                               is_weights=is_weights, importance_level=config.importance_level)
     scale = lambdapo.micro_batch_scale(loss_mask, full_mask, config.aggregation)
     stats["loss"] = _number(loss)
     return loss * scale, scale, stats
@@ -571,6 +674,7 @@ class Setup:
     template_kwargs: dict                     # chat-template options (Qwen3's enable_thinking)
     start_step: int
     tracker: Tracker                          # metrics.jsonl (+ --report_to)
+    prompt_position: int = 0                  # prompts read so far in the seeded order (records_at)
     run_peak_gib: float = 0.0                 # the highest per-step GPU memory peak so far
 
     def autocast(self):
@@ -633,9 +737,11 @@ def setup(config: Config, log=tqdm.write) -> Setup:
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config.warmup_steps))
     generator = torch.Generator().manual_seed(config.seed)
-    start_step = 0
+    start_step = prompt_position = 0
     if checkpoint:
-        start_step = restore_trainer_state(checkpoint, optimizer, scheduler, generator)
+        start_step, prompt_position = restore_trainer_state(checkpoint, optimizer, scheduler, generator)
+        if prompt_position is None:
+            prompt_position = start_step * config.prompts_per_step
         forget_logs_after(out_dir, start_step)
         log(f"Resuming from {checkpoint} at step {start_step}")
     else:
@@ -664,7 +770,7 @@ def setup(config: Config, log=tqdm.write) -> Setup:
                                          max_new_tokens=config.max_new_tokens, batch_size=config.generation_batch_size),
                  eval_sampling=SamplingConfig(do_sample=False, max_new_tokens=config.eval_max_new_tokens,
                                               batch_size=config.generation_batch_size),
-                 template_kwargs=template_kwargs, start_step=start_step,
+                 template_kwargs=template_kwargs, start_step=start_step, prompt_position=prompt_position,
                  tracker=Tracker(config, out_dir, start_step))
 
 
@@ -758,7 +864,7 @@ def finish(s: Setup, config: Config, step: int, last_saved: int, initial_eval: d
     """The end: the last checkpoint, final/, the final evaluation, curves.png and the run's summary."""
     if step > last_saved:
         save_checkpoint(s.out_dir, step, s.policy, s.tokenizer, s.optimizer, s.scheduler, s.generator,
-                        config.keep_checkpoints)
+                        config.keep_checkpoints, s.prompt_position)
     save_model(s.out_dir / "final", s.policy, s.tokenizer)
     final_eval = held_out_eval(s, config, config.num_steps, log)
     if final_eval:
@@ -803,10 +909,8 @@ def train(config: Config) -> dict:
                 # 1. ROLLOUT: G completions per prompt from the current policy (π_old for this step)
                 # ==================================================================================
                 tick = time.time()
-                batch = prompt_batch(s.records, step_index, config.prompts_per_step, config.seed)
-                rollout = generate(policy, s.tokenizer, [r["prompt"] for r in batch], G, s.sampling,
-                                   chat_template_kwargs=s.template_kwargs, autocast_dtype=s.autocast_dtype,
-                                   engine=s.engine)
+                batch = next_prompts(s, config)                    # the next prompts_per_step of the seeded order
+                rollout = sample(s, batch, G)                      # rollout.generate
                 timings["time/rollout"] = time.time() - tick
 
                 # ==================================================================================
@@ -814,12 +918,15 @@ def train(config: Config) -> dict:
                 # ==================================================================================
                 tick = time.time()
                 grader_errors = rewards.grader_errors()
-                scored = [rewards.reward(completion, batch[row // G]["answer"], batch[row // G].get("solution"),
-                                         config.rouge_weight, batch[row // G].get("task", "math"))
-                          for row, completion in enumerate(rollout.completions)]
+                scored = grade(config, batch, rollout.completions)  # rewards.reward, one dict per completion
+                timings["time/reward"] = time.time() - tick
+                # DAPO's dynamic sampling (--dynamic_sampling): keep only groups whose rewards differ, and
+                # sample further prompts until prompts_per_step are kept or max_generation_rounds are spent
+                sampling_stats = {}
+                if config.dynamic_sampling:
+                    batch, rollout, scored, sampling_stats = dynamic_sampling(s, config, batch, rollout, scored, timings)
                 reward_values, accuracy, rouge = reward_tensors(scored, G, s.device)    # (num_prompts, G), (B,), (B,)
                 grader_errors = rewards.grader_errors() - grader_errors                # completions it crashed on
-                timings["time/reward"] = time.time() - tick
 
                 # ==================================================================================
                 # 3. ADVANTAGE: old log-probs (fixed for the whole update), sequence scores ℓ, A_i.
@@ -858,8 +965,9 @@ def train(config: Config) -> dict:
                 B = input_ids.shape[0]
                 for _ in range(config.epochs):
                     order = torch.randperm(B, generator=s.generator).to(s.device)   # mix groups across mini-batches
-                    # tensor_split gives exactly `mini_batches` pieces (chunk may give fewer: 6 rows in 4 is 3)
-                    for mini_batch in order.tensor_split(config.mini_batches):
+                    # tensor_split gives exactly `mini_batches` pieces (chunk may give fewer: 6 rows in 4 is 3);
+                    # never an empty one (dynamic sampling may keep fewer rows than there are mini-batches)
+                    for mini_batch in order.tensor_split(min(config.mini_batches, B)):
                         optimizer.zero_grad(set_to_none=True)
                         full_mask = loss_mask[mini_batch]
                         # Rows of similar length share micro-batches, so less padding is computed (the
@@ -893,13 +1001,13 @@ def train(config: Config) -> dict:
                 # ==================================================================================
                 metrics = step_metrics(step, rollout, reward_values, accuracy, rouge, advantages, seq_logps, tau,
                                        entropy, totals, grad_norms, learning_rate, s,
-                                       {"reward/grader_errors": grader_errors, **gap_stats})
+                                       {"reward/grader_errors": grader_errors, **gap_stats, **sampling_stats})
                 if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
                     metrics.update(held_out_eval(s, config, step))
                 log_step(s, config, metrics, timings, rollout, batch, scored, advantages, progress)
                 if config.save_every and step % config.save_every == 0:
                     save_checkpoint(s.out_dir, step, policy, s.tokenizer, optimizer, s.scheduler, s.generator,
-                                    config.keep_checkpoints)
+                                    config.keep_checkpoints, s.prompt_position)
                     last_saved = step
                 if ctrl_c.requested:
                     break
@@ -911,7 +1019,7 @@ def train(config: Config) -> dict:
     if ctrl_c.requested:
         if step > last_saved:
             save_checkpoint(s.out_dir, step, policy, s.tokenizer, optimizer, s.scheduler, s.generator,
-                            config.keep_checkpoints)
+                            config.keep_checkpoints, s.prompt_position)
         s.tracker.close()
         print(f"Interrupted after step {step}: saved {latest_checkpoint(s.out_dir)}; continue with "
               f"python train.py --resume --out_dir {s.out_dir} (and the same options)", file=sys.stderr)
