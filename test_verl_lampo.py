@@ -480,13 +480,13 @@ def test_compute_score_is_bounded_in_an_executor_thread():
         return results[-1]
 
     in_thread(text="\\boxed{1}", gold="1")                              # starts a grading process
-    before = verl_lampo.grade_timeouts
     result, seconds = in_thread(text=slow, gold="x^2+1", timeout_s=1.0)
-    assert result["acc"] == 0.0 and seconds < 10
-    assert result["grade_timeout"] == 1.0 and verl_lampo.grade_timeouts == before + 1
-    # timeout 0: given up at once; the killed process is replaced, and the next answer is graded right
+    assert result["acc"] == 0.0 and seconds < 10 and result["grade_timeout"] == 1.0
+    # timeout 0: given up at once (and counted); the killed process is replaced, the next answer graded right
+    before = verl_lampo.grade_timeouts
     result, _ = in_thread(text="\\boxed{\\frac{1}{2}}", gold="0.5", timeout_s=0.0)
     assert result == {"score": 0.0, "acc": 0.0, "rouge": 0.0, "grade_timeout": 1.0}
+    assert verl_lampo.grade_timeouts == before + 1
     result, _ = in_thread(text="\\boxed{\\frac{1}{2}}", gold="0.5")
     assert result == {"score": 1.0, "acc": 1.0, "rouge": 0.0, "grade_timeout": 0.0}
     # in the main thread it grades in place (math-verify's own timeouts are on)

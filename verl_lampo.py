@@ -1,7 +1,8 @@
 """LamPO inside verl (Ray, FSDP/Megatron, vLLM/SGLang): an advantage estimator, a reward function, data.
 
-    VERL_USE_EXTERNAL_MODULES=verl_lampo python -m verl.trainer.main_ppo algorithm.adv_estimator=lampo \\
-        +algorithm.lampo_tau=1.0 reward.custom_reward_function.path=pkg://verl_lampo ...   (docs/verl.md: full command)
+    python -m verl.trainer.main_ppo actor_rollout_ref.model.external_lib=verl_lampo algorithm.adv_estimator=lampo \\
+        +algorithm.lampo_tau=1.0 reward.custom_reward_function.path=pkg://verl_lampo ...   (docs/verl.md: full command,
+        run from this folder: Ray puts the driver's folder on every worker's module path)
     python verl_lampo.py prepare --dataset math --out DIR   # train.parquet (MATH train), test.parquet (MATH-500)
 
 LamPO ("Lambda-Style Policy Optimization", arXiv 2605.21235; lambdapo.py has the equations, docs/design.md §1 the
@@ -15,7 +16,17 @@ Decomposed Advantage
 Importing this module registers the estimator "lampo" in verl's registry (`register_adv_est`), so the
 switch from GRPO is one config key: `algorithm.adv_estimator=lampo`. Options, added with hydra's `+`:
 `+algorithm.lampo_tau=1.0` (τ; inf = RLOO), `+algorithm.lampo_seq_logp=mean|sum`,
-`+algorithm.lampo_scale_by_std=false` (divide by the group reward std + 1e-6, as GRPO; off by default).
+`+algorithm.lampo_scale_by_std=false` (divide by the group reward std + 1e-6, as GRPO; off by default),
+`+algorithm.lampo_relative_tau=false` (τ in units of the batch's ℓ spread, lambdapo.grouped_relative_tau).
+Any other `lampo*` key is refused in one line (hydra's `+` would add a misspelt one silently), and so is
+rollout-correction rejection sampling (`rollout_correction.rollout_rs` outside bypass mode: it zeroes the
+response mask of rejected rows, which would leave their groups). `norm_adv_by_std_in_grpo` is GRPO's:
+verl does not pass it to custom estimators, so it has no effect here.
+
+`actor_rollout_ref.model.external_lib=verl_lampo` imports this module where verl builds its model config:
+in the TaskRunner at the trainer's first init step (verl/workers/config/model.py), and in the workers. It
+works on a Ray started beforehand with `ray start`, whose workers never see variables exported for the
+driver (VERL_USE_EXTERNAL_MODULES), and fails at that first step when the module is not on the path.
 
 How the estimator reaches π_old's log-probs (verl 0.9.x only; importing checks the version)
 ---------------------------------------------------------------------------------------------
@@ -30,9 +41,10 @@ checks first that the caller *is* that function (module and name) and that the t
 shape. We chose this over the alternatives because it changes nothing in verl: wrapping
 `compute_advantage` would have to patch every module that bound the name at import time (ray_trainer,
 ppo/v1/utils, the experimental trainers), in every Ray process, before they import it; and there is no
-hook for extra estimator inputs (v1 fetches a fixed field list from TransferQueue). If a later verl
-passes `old_log_probs=` itself, that is used and no frame is read. Anywhere else the estimator fails
-with one line naming the verl version and what it found.
+hook for extra estimator inputs (v1 fetches a fixed field list from TransferQueue). If `old_log_probs=`
+is passed, or `batch=` (verl's open pull request 7473 passes its batch to estimators that accept it), that
+is used and no frame is read. Anywhere else the estimator fails with one line naming the verl version and
+what it found.
 
 Groups are the rows that share a `uid`: not contiguous (verl balances batches across ranks), of
 different sizes (DAPO-style group filtering, rejection sampling), and verl pads batches with rows whose
@@ -41,7 +53,14 @@ rows with its own G (lambdapo.grouped_pairwise_advantages); a group of one gets 
 of a row is Σ_t token_level_rewards (verl's outcome reward, KL-in-reward included), as verl's own GRPO.
 The returned advantages are A_i on every response token (× response_mask), and the same as returns.
 
-Diagnostics (lampo/weight_mean, weight_std, misordered_pairs, seq_logp_std, corr_rloo) are added to the
+A group member is a rollout, not a row: verl's multi-output agent loops store each output (turn) of one
+rollout as its own row, keyed "{uid}_{session}_{output}", with the final output's reward copied back, and
+verl collapses them for GRPO only. The estimator collapses them too (the keys are read from verl's
+compute_advantage_for_multi_trajectories, one frame further up, or passed as `batch_keys=`): a rollout has
+its final output's reward and ℓ over every token the model wrote in all its outputs, and its advantage goes
+to each of its rows. Single-output rollouts are one row each, as before.
+
+Diagnostics (lampo/weight_mean, weight_std, misordered_pairs, seq_logp_std, corr_rloo, tau) are added to the
 `metrics` dict of the verl trainer step that called `compute_advantage` (found the same way, a few
 frames up), so they are logged with verl's own metrics; where none is found they are skipped.
 """
