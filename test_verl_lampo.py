@@ -361,7 +361,8 @@ class TrainerLike:
                                                 "old_log_probs": torch.tensor([[-2.0], [-1.0]])},
                                        non_tensors={"uid": np.array(["a", "a"], dtype=object)})
             out = compute_advantage(data, adv_estimator=config.algorithm.adv_estimator, config=config.algorithm)
-            return {"advantages": out.batch["advantages"][:, 0].tolist(), "env": os.environ.get("VERL_USE_EXTERNAL_MODULES")}
+            return {"advantages": out.batch["advantages"][:, 0].tolist(),
+                    "env": os.environ.get("VERL_USE_EXTERNAL_MODULES")}
         except Exception as error:
             return {"error": f"{type(error).__name__}: {error}"}
 

@@ -113,8 +113,8 @@ def check_trl_version(version: str) -> None:
         release = None
     if release is None or not TRL_SUPPORTED[0] <= release < TRL_SUPPORTED[1]:
         raise LamPOVersionError(
-            f"trl_lampo supports TRL {TRL_RANGE} (it wraps GRPOTrainer's private _generate, "
-            f"_calculate_rewards and _generate_and_score_completions), but trl {version} is installed: pip install -r requirements-trl.txt")
+            f"trl_lampo supports TRL {TRL_RANGE} (it wraps GRPOTrainer's private _generate, _calculate_rewards and "
+            f"_generate_and_score_completions), but trl {version} is installed: pip install -r requirements-trl.txt")
 
 
 try:
@@ -198,7 +198,8 @@ class LamPOTrainer(GRPOTrainer):
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = LamPOConfig(f"{name.rstrip('/').split('/')[-1]}-LamPO")
         if not isinstance(args, LamPOConfig):
-            raise TypeError(f"LamPOTrainer needs args=LamPOConfig(...) (GRPOConfig plus lampo_tau, lampo_relative_tau and lampo_seq_logp; "
+            raise TypeError(f"LamPOTrainer needs args=LamPOConfig(...) (GRPOConfig plus lampo_tau, lampo_relative_tau "
+                            f"and lampo_seq_logp; "
                             f"its scale_rewards defaults to 'none'), got {type(args).__name__}")
         self._lampo_rewards_per_func = None      # (N, K) gathered rewards of the batch being scored
         self._lampo_completion_ids = None        # this process's completion token lists

@@ -288,7 +288,8 @@ def compute_lampo_outcome_advantage(token_level_rewards: torch.Tensor, response_
         # Per rollout (= per row unless an agent loop wrote several outputs): its final output's reward, as
         # verl's GRPO; ℓ over every token the model wrote in it; the uid of its prompt.
         num_sessions = final.numel()
-        logp_total = torch.zeros(num_sessions).index_add_(0, session, (old_log_probs.detach().float() * mask).sum(-1).cpu())
+        row_logps = (old_log_probs.detach().float() * mask).sum(-1).cpu()          # Σ_t log π_old per row (bs,)
+        logp_total = torch.zeros(num_sessions).index_add_(0, session, row_logps)  # per rollout (num_sessions,)
         tokens = torch.zeros(num_sessions).index_add_(0, session, mask.sum(-1).cpu())          # (num_sessions,)
         seq_logps = logp_total if options["seq_logp"] == "sum" else logp_total / tokens.clamp_min(1)   # ℓ
         scores = row_rewards.cpu()[final]                                         # r (num_sessions,)
