@@ -164,8 +164,8 @@ class LamPOConfig(GRPOConfig):
         "choices": ["none", "group", "true", "false"]})
 
     def __post_init__(self):
-        if isinstance(self.scale_rewards, str) and self.scale_rewards.lower() in ("true", "false"):
-            self.scale_rewards = self.scale_rewards.lower() == "true"
+        if self.scale_rewards in ("true", "false"):              # the command line's spelling of True/False
+            self.scale_rewards = self.scale_rewards == "true"
         super().__post_init__()                                  # maps scale_rewards True/False to group/none
         if isinstance(self.lampo_tau, str):
             self.lampo_tau = float(self.lampo_tau)
