@@ -492,6 +492,15 @@ def test_compute_score_is_bounded_in_an_executor_thread():
     assert result == {"score": 1.0, "acc": 1.0, "rouge": 0.0, "grade_timeout": 0.0}
     # in the main thread it grades in place (math-verify's own timeouts are on)
     assert verl_lampo.compute_score("math", "\\boxed{2}", "2", {})["grade_timeout"] == 0.0
+    # concurrent threads (as verl's executor) each get a grading process, at most GRADER_PROCESSES of them
+    threads = [threading.Thread(target=score, kwargs=dict(text=f"\\boxed{{{k}}}", gold=str(k)), daemon=True)
+               for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [r["acc"] for r, _ in results[-3:]] == [1.0, 1.0, 1.0]
+    assert 1 <= len(verl_lampo._idle_graders) <= min(3, verl_lampo.GRADER_PROCESSES)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -388,31 +388,36 @@ class _Grader:
 
 _idle_graders: list = []
 _graders_lock = threading.Lock()
+# At most this many grading processes per Python process (about 100 MB each; verl's executor may run dozens of
+# threads): a thread beyond them waits for a free one, and that wait is not part of its timeout.
+GRADER_PROCESSES = max(1, min(8, os.cpu_count() or 1))
+_grader_slots = threading.BoundedSemaphore(GRADER_PROCESSES)
 grade_timeouts = 0                 # how many answers this process gave up on (scored 0), for tests and logs
 
 
 def bounded_accuracy(completion: str, answer: str, timeout: float = SCORE_TIMEOUT_S) -> tuple[float, bool]:
     """(accuracy, timed_out): rewards.accuracy_reward in a grading process, given up after `timeout` seconds.
 
-    Each calling thread borrows an idle grading process (a new one when none is idle), so concurrent
-    threads grade in parallel. One that overruns is killed and the answer scores 0.0; the next call starts
-    a fresh process.
+    Each calling thread borrows an idle grading process (a new one when none is idle, up to
+    GRADER_PROCESSES), so concurrent threads grade in parallel. One that overruns is killed and the answer
+    scores 0.0; the next call starts a fresh process.
     """
     global grade_timeouts
-    with _graders_lock:
-        grader = _idle_graders.pop() if _idle_graders else None
-    if grader is None:
-        grader = _Grader()
-    try:
-        accuracy = grader.accuracy(completion, answer, timeout)
-    except (TimeoutError, EOFError, OSError, ValueError):
-        grader.kill()
+    with _grader_slots:
         with _graders_lock:
-            grade_timeouts += 1
-        return 0.0, True
-    with _graders_lock:
-        _idle_graders.append(grader)
-    return accuracy, False
+            grader = _idle_graders.pop() if _idle_graders else None
+        if grader is None:
+            grader = _Grader()
+        try:
+            accuracy = grader.accuracy(completion, answer, timeout)
+        except (TimeoutError, EOFError, OSError, ValueError):
+            grader.kill()
+            with _graders_lock:
+                grade_timeouts += 1
+            return 0.0, True
+        with _graders_lock:
+            _idle_graders.append(grader)
+        return accuracy, False
 
 
 def compute_score(data_source=None, solution_str="", ground_truth="", extra_info=None, rouge_weight: float = 0.1,
