@@ -373,6 +373,26 @@ def grouped_pairwise_advantages(rewards: torch.Tensor, seq_logps: torch.Tensor, 
     return advantages
 
 
+def grouped_relative_tau(seq_logps: torch.Tensor, group_ids: torch.Tensor, valid: torch.Tensor | None = None,
+                         tau: float = 1.0, floor: float = 1e-6) -> float:
+    """`relative_tau` for rows grouped by id (the engines' layout): τ · the mean over groups of their ℓ std
+    (unbiased), each group over its valid rows, groups of fewer than 2 valid rows left out (they have no
+    spread to measure, and get A = 0 anyway). seq_logps, group_ids, valid (N,) → float. With complete
+    contiguous groups it is exactly `relative_tau(seq_logps.view(-1, G), tau)`.
+
+    >>> grouped_relative_tau(torch.tensor([-1.0, -2.0, -3.0, -2.0, 7.0]), torch.tensor([0, 1, 0, 1, 2]), tau=2.0)
+    1.4142...
+    """
+    seq_logps = seq_logps.reshape(-1).detach().float()                    # (N,)
+    usable = torch.isfinite(seq_logps)
+    if valid is not None:
+        usable &= torch.as_tensor(valid, device=seq_logps.device).reshape(-1).bool()
+    stds = [seq_logps[index.to(seq_logps.device)].std(dim=1)             # (num_groups_s,) per group size s ≥ 2
+            for index in group_buckets(group_ids, usable) if index.shape[1] >= 2]
+    spread = float(torch.cat(stds).mean()) if stds else 0.0
+    return max(tau * spread, floor)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Diagnostics of the confidence weights (logged by train.py, trl_lampo.py and verl_lampo.py)
 # ---------------------------------------------------------------------------------------------------

@@ -2718,6 +2718,21 @@ def test_grouped_pairwise_advantages_ragged_invalid_and_unscorable_rows():
     assert lambdapo.grouped_pairwise_advantages(torch.ones(3), torch.zeros(3), torch.arange(3)).tolist() == [0, 0, 0]
 
 
+def test_grouped_relative_tau_equals_relative_tau_on_contiguous_groups_and_skips_lone_and_invalid_rows():
+    torch.manual_seed(1)
+    seq_logps = torch.randn(5, 4)
+    group_ids = torch.arange(5).repeat_interleave(4)
+    perm = torch.randperm(20)
+    got = lambdapo.grouped_relative_tau(seq_logps.reshape(-1)[perm], group_ids[perm], tau=0.7)
+    assert got == pytest.approx(lambdapo.relative_tau(seq_logps, 0.7), rel=1e-6)
+    # by hand: group 0 = rows 0, 2 (row 4 invalid), std(−1, −3) = √2; group 1 = rows 1, 3, std(0, 0) = 0;
+    # group 2 = row 5 alone: left out. τ_eff = 2 · (√2 + 0) / 2.
+    rows = torch.tensor([-1.0, 0.0, -3.0, 0.0, 9.0, 4.0])
+    ids, valid = torch.tensor([0, 1, 0, 1, 0, 2]), torch.tensor([True, True, True, True, False, True])
+    assert lambdapo.grouped_relative_tau(rows, ids, valid, tau=2.0) == pytest.approx(math.sqrt(2))
+    assert lambdapo.grouped_relative_tau(torch.zeros(3), torch.arange(3), tau=1.0) == 1e-6     # no group of 2
+
+
 def test_lampo_diagnostics_one_misordered_pair():
     d = lambdapo.lampo_diagnostics(torch.tensor([[1.0, 0.0]]), torch.tensor([[-2.0, -1.0]]), tau=1.0)
     assert d["lampo/weight_mean"] == pytest.approx(2 / (1 + math.exp(-1)))     # 2σ(1): the better one scores lower

@@ -204,6 +204,66 @@ def test_config_errors_are_one_line(tmp_path):
                      train_dataset=toy_dataset(8), processing_class=tokenizer)
 
 
+def test_scale_rewards_and_relative_tau_agree_between_python_and_the_command_line(tmp_path):
+    # GRPOConfig takes scale_rewards True/False for "group"/"none"; the launcher takes "true"/"false" too, and
+    # both refuse "batch".
+    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    parser = trl_lampo.make_parser()
+    for value, expected in [("true", "group"), ("false", "none"), ("group", "group"), ("none", "none")]:
+        assert LamPOConfig(**base, scale_rewards=value).scale_rewards == expected
+        _, args, _ = parser.parse_args_and_config(args=["--output_dir", str(tmp_path), "--use_cpu",
+                                                        "--scale_rewards", value])
+        assert args.scale_rewards == expected
+    for value, expected in [(True, "group"), (False, "none")]:              # Python only (and YAML configs)
+        assert LamPOConfig(**base, scale_rewards=value).scale_rewards == expected
+    for value in ("batch", "True"):                                          # refused by both
+        with pytest.raises(ValueError, match="scale_rewards"):
+            LamPOConfig(**base, scale_rewards=value)
+        result = subprocess.run([sys.executable, os.path.join(HERE, "trl_lampo.py"), "--output_dir", str(tmp_path),
+                                 "--use_cpu", "--scale_rewards", value], capture_output=True, text=True, timeout=300,
+                                env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert result.returncode == 2 and "scale_rewards" in result.stderr.splitlines()[-1]
+    for flags, expected in [([], False), (["--lampo_relative_tau"], True), (["--lampo_relative_tau", "false"], False)]:
+        _, args, _ = parser.parse_args_and_config(args=["--output_dir", str(tmp_path), "--use_cpu", *flags])
+        assert args.lampo_relative_tau is expected
+    with pytest.raises(ValueError, match="lampo_relative_tau"):
+        LamPOConfig(**base, lampo_relative_tau="yes")
+
+
+def documented_launch_command():
+    """docs/trl.md's 8-GPU command: (install line, accelerate config file, trl_lampo.py's arguments)."""
+    import re
+    import shlex
+    text = open(os.path.join(HERE, "docs", "trl.md"), encoding="utf-8").read()
+    block = re.search(r"```bash\n(pip install [^\n]*)\n(accelerate launch .*?)\n```", text, re.DOTALL)
+    install, launch = block.group(1), block.group(2).replace("\\\n", " ")
+    config = re.search(r"accelerate_configs/(\w+\.yaml)", launch).group(1)
+    return install, config, shlex.split(launch.split("trl_lampo.py", 1)[1])
+
+
+def test_documented_launch_command_parses_and_its_install_line_names_what_it_uses():
+    import trl
+    install, config, args = documented_launch_command()
+    # The accelerate config it names is DeepSpeed's, so the install line must install deepspeed (trl's extra).
+    config_text = open(os.path.join(os.path.dirname(trl.__file__), "accelerate_configs", config)).read()
+    assert "distributed_type: DEEPSPEED" in config_text
+    extras = install.split('"trl[', 1)[1].split("]", 1)[0].split(",")
+    assert "deepspeed" in extras and "vllm" in extras
+    assert "-r requirements-trl.txt" in install
+    # --report_to tensorboard: tensorboard on the same line.
+    assert args[args.index("--report_to") + 1] == "tensorboard" and " tensorboard" in install.split("]", 1)[1]
+    # The launcher's own parser takes every argument as written (plus --use_cpu: this machine has no GPU for
+    # bf16); a flag that wants a value, such as --bf16, would stop it here.
+    script_args, training_args, model_args = trl_lampo.make_parser().parse_args_and_config(args=args + ["--use_cpu"])
+    assert training_args.lampo_tau == 1.0 and training_args.lampo_seq_logp == "mean" and training_args.use_vllm
+    assert training_args.bf16 is True and training_args.report_to == ["tensorboard"]
+    assert script_args.dataset == "math" and model_args.model_name_or_path == "Qwen/Qwen3-1.7B"
+    # The rule the page states: TRL computes old log-probs here only for vLLM's importance-sampling correction.
+    generate_every = training_args.steps_per_generation * training_args.num_iterations
+    assert training_args.gradient_accumulation_steps % generate_every == 0
+    assert training_args.vllm_importance_sampling_correction
+
+
 # ---------------------------------------------------------------------------------------------------
 # pinned values: fixed completions; the rollout's own log-probs are not π_old's and are not used
 # ---------------------------------------------------------------------------------------------------
@@ -240,6 +300,24 @@ def test_pinned_advantages_from_fixed_completions_ignore_the_rollouts_logprobs(t
     assert logged["lampo/misordered_pairs"] == pytest.approx(diagnostics["lampo/misordered_pairs"])
     assert logged["lampo/seq_logp_std"] == pytest.approx(diagnostics["lampo/seq_logp_std"], abs=1e-5)
     assert math.isfinite(logged["loss"])
+
+
+def test_a_changed_generate_tuple_fails_in_one_line(tmp_path):
+    # hook 0 reads _generate's result by position: a TRL whose tuple has another length is refused there.
+    from trl import GRPOTrainer
+
+    class ShorterTuple(GRPOTrainer):                  # stands for a TRL release whose _generate changed
+        def _generate(self, prompts):
+            return super()._generate(prompts)[:7]
+
+    class OnChangedTRL(LamPOTrainer, ShorterTuple):
+        pass
+
+    trainer = make_trainer(tmp_path, trainer_class=OnChangedTRL)
+    with pytest.raises(LamPOVersionError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "\n" not in message and "_generate" in message and "7 items" in message and "tool_mask" in message
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,6 +369,21 @@ def test_seq_logp_sum_tau_inf_and_group_scaling(tmp_path):
     rewards = torch.tensor(digit_reward(record["texts"])).view(-1, G)
     rloo = rewards - (rewards.sum(1, keepdim=True) - rewards) / (G - 1)                  # r_i − mean_{j≠i} r_j
     assert torch.allclose(record["advantages"], rloo.reshape(-1), atol=1e-6)
+
+
+def test_relative_tau_is_tau_times_the_batch_spread(tmp_path):
+    trainer = make_trainer(tmp_path, [digit_reward], lampo_tau=0.5, lampo_relative_tau=True)
+    trainer.train()
+    record = first_train_record(trainer)
+    rewards = torch.tensor(digit_reward(record["texts"])).view(-1, G)
+    seq_logps = record["seq_logps"]["mean"].view(-1, G)
+    spread = sum(float(row.std()) for row in seq_logps) / seq_logps.shape[0]      # mean within-group std
+    tau_eff = 0.5 * spread
+    assert lambdapo.relative_tau(seq_logps, 0.5) == pytest.approx(tau_eff, rel=1e-6)
+    expected = lambdapo.pairwise_advantages(rewards, seq_logps, tau_eff).reshape(-1)
+    assert torch.allclose(record["advantages"], expected, atol=1e-5), (record["advantages"], expected)
+    assert not torch.allclose(expected, lambdapo.pairwise_advantages(rewards, seq_logps, 0.5).reshape(-1), atol=1e-4)
+    assert trainer.state.log_history[0]["lampo/tau"] == pytest.approx(tau_eff, rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,14 +454,36 @@ def test_unscorable_completions_leave_their_group_and_get_zero(tmp_path):
                if isinstance(v, float) and (k.startswith("lampo/") or k == "loss"))
 
 
+class CountingForwards(Recording):
+    """Recording that counts, per generation batch, the forward chunks of TRL's log-prob helper run while the
+    batch is generated and scored (TRL's own old log-probs, if any, and LamPO's ℓ forward)."""
+
+    def _generate_and_score_completions(self, inputs):
+        self.chunks = getattr(self, "chunks", [])
+        self.chunks.append(0)
+        self._counting = True
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._counting = False
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, *args, batch_size=None, **kwargs):
+        if getattr(self, "_counting", False):
+            self.chunks[-1] += math.ceil(input_ids.size(0) / (batch_size or input_ids.size(0)))
+        return super()._get_per_token_logps_and_entropies(model, input_ids, *args, batch_size=batch_size, **kwargs)
+
+
 @pytest.mark.parametrize("num_generations_eval", [1, 2])
 def test_evaluation_with_few_generations_has_no_nan(tmp_path, num_generations_eval):
     trainer = make_trainer(tmp_path, [digit_reward], eval_dataset=toy_dataset(4, seed=9), eval_strategy="steps",
-                           eval_steps=1, per_device_eval_batch_size=4, num_generations_eval=num_generations_eval)
+                           eval_steps=1, per_device_eval_batch_size=4, num_generations_eval=num_generations_eval,
+                           trainer_class=CountingForwards)
     metrics = trainer.evaluate()
     assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)), metrics
     evals = [r for r in trainer.records if r["mode"] == "eval"]
     assert evals
+    # TRL computes no old log-probs here, so the only forward while scoring is LamPO's ℓ: none for G = 1.
+    assert trainer.chunks == [0 if num_generations_eval == 1 else 1] * len(evals)
     for record in evals:
         if num_generations_eval == 1:
             assert (record["advantages"] == 0).all()                       # nobody to compare with
@@ -468,14 +583,56 @@ def test_two_processes_give_the_single_process_advantages(tmp_path):
     assert not torch.allclose(expected[1], lambdapo.rloo_advantages(rewards.view(-1, G))[1])
 
 
-def _two_process_worker(out_dir):
+class ImagesOnRankZero(CountingForwards):
+    """Rank 0's batches carry a vision-language key (`num_images`, None: the helper's default, so the text model
+    runs unchanged); rank 1's are text only. As with a VLM whose batches have images on some processes only."""
+
+    def _lampo_sequence_scores(self, output, mode):
+        if self.accelerator.process_index == 0:
+            output = dict(output, num_images=None)
+        return super()._lampo_sequence_scores(output, mode)
+
+
+# 12 rows = 3 groups; row 7 (on rank 1) is truncated, so with TRL's old log-probs only that row is recomputed
+MIXED_COMPLETIONS = ["\\boxed{1}", "12+3=15", "\\boxed{22}", "7", "5", "6+6", "\\boxed{8}", "99+99+99…",
+                     "\\boxed{3}", "41", "0", "2+2=4"]
+
+
+def test_two_processes_run_the_same_forward_chunks_with_images_on_one(tmp_path):
+    # mask_truncated_completions + TRL's old log-probs (GA 3 % (3 generations × 2 iterations) != 0): rank 1 has a
+    # cut row to recompute; rank 0 has "images", whose rows are recomputed whole. Both must then run the same
+    # number of forward chunks, or ZeRO-3/FSDP (parameters gathered inside each forward) would hang.
+    out = tmp_path / "two"
+    out.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         os.path.join(HERE, "test_trl_lampo.py"), str(out), "mixed"],
+        capture_output=True, text=True, timeout=600, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    parts = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert parts[0]["chunks"] == parts[1]["chunks"], parts
+    assert parts[0]["chunks"][0] == 3 + 3          # TRL's old log-probs (6 rows / 2) + all 6 rows again
+    assert all(math.isfinite(a) for p in parts for a in p["advantages"])
+
+
+def _two_process_worker(out_dir, mode="fixed"):
     """torchrun worker: 2 processes × 6 rows, gloo on CPU (accelerate picks it up from torchrun's env)."""
     from pathlib import Path
-    record = run_fixed(Path(out_dir) / f"work{os.environ['RANK']}", per_device=6)
+    work = Path(out_dir) / f"work{os.environ['RANK']}"
+    if mode == "mixed":
+        trainer = make_trainer(work, [length_reward], trainer_class=ImagesOnRankZero, per_device_train_batch_size=2,
+                               gradient_accumulation_steps=3, num_iterations=2, mask_truncated_completions=True,
+                               rollout_func=fixed_rollout(MIXED_COMPLETIONS), dataset=equal_length_dataset(24))
+        trainer.train()
+        record = first_train_record(trainer)
+        extra = {"chunks": trainer.chunks}
+    else:
+        record, extra = run_fixed(work, per_device=6), {}
     Path(out_dir, f"rank{record['rank']}.json").write_text(json.dumps({
         "world_size": int(os.environ["WORLD_SIZE"]), "advantages": record["advantages"].tolist(),
-        "texts": record["texts"], "prompts": record["prompts"], "seq_logps": record["seq_logps"]["mean"].tolist()}))
+        "texts": record["texts"], "prompts": record["prompts"], "seq_logps": record["seq_logps"]["mean"].tolist(),
+        **extra}))
 
 
 if __name__ == "__main__":
-    _two_process_worker(sys.argv[1])
+    _two_process_worker(*sys.argv[1:])

@@ -18,28 +18,42 @@ and its `loss_type`, β, LoRA through peft, DeepSpeed/FSDP, logging) is TRL's ow
 
 Where we hook TRL (version 1.16.x only; the constructor checks and names the range)
 -------------------------------------------------------------------------------------
-TRL has no advantage hook. Its maintainers point subclassers to two private methods, which we wrap
-without copying them:
+TRL has no advantage hook. We wrap three private GRPOTrainer methods, without copying them:
+- `_generate(prompts)` returns TRL 1.16's 8-tuple (prompt_ids, completion_ids, tool_mask, completions,
+  logprobs, extra_fields, images, tool_images). We check its length and keep `tool_mask` (1 = a token
+  the model wrote) before `mask_truncated_completions` zeroes a truncated row's.
 - `_calculate_rewards(inputs, prompts, completions, completion_ids_list)` returns the (N, K) rewards of
   the K reward functions, already gathered from every process (None → NaN). We keep them, and this
   process's completion token lists (their true lengths).
 - `_generate_and_score_completions(inputs)` generates, scores and returns this process's rows with
   TRL's GRPO advantages. We replace `output["advantages"]` with LamPO's, computed as below.
+We also rely on: that output's keys `prompt_ids`, `prompt_mask`, `completion_ids`, `completion_mask`
+(right-padded), `old_per_token_logps` (present only when TRL computed it) and the vision-language keys
+of MULTIMODAL_KEYS; the helper `_get_per_token_logps_and_entropies(model, input_ids, attention_mask,
+logits_to_keep, batch_size=…, **multimodal)` and `trl.models.utils.disable_gradient_checkpointing`; the
+attributes `num_generations`, `num_generations_eval`, `reward_weights` and `accelerator`; and the logging
+buffers `_metrics[mode][name]` (a list per metric, averaged by TRL's `log`) and `_logs["advantages"]` (the
+completions table), into which we write LamPO's values.
 
 ℓ_i is π_old's score in every configuration, π_old being the policy TRL's loss divides by (TRL 1.16
 rules, read from its source):
-1. TRL computed `old_per_token_logps` (num_iterations > 1, steps_per_generation not a multiple of
-   gradient accumulation, or vLLM with its importance-sampling correction, the default): they are the
-   policy that sampled, scored by the trainer right after generation. We use them.
+1. TRL computes `old_per_token_logps` exactly when
+       gradient_accumulation_steps % (steps_per_generation · num_iterations) != 0
+   (a generation batch outlives an optimizer step, so later micro-steps see updated weights), or when
+   `use_vllm` and `vllm_importance_sampling_correction` (its default). They are the policy that sampled,
+   scored by the trainer right after generation. We use them.
 2. Otherwise TRL's π_old is the trainer's own forward (its loss uses the detached current log-probs):
    one extra no-grad forward through TRL's own helper `_get_per_token_logps_and_entropies`, exactly as
    TRL computes old log-probs (temperature, chunking, gradient checkpointing off). The weights have not
    changed since generation, so this is π_old. A sampler's log-probs (vLLM without the importance-sampling
    correction, a `rollout_func`) are *not* used: they come from another engine, and vLLM's are those of
-   the top-p/top-k-renormalised distribution, not of π_old.
+   the top-p/top-k-renormalised distribution, not of π_old. With groups of one (G = 1: A = 0) no ℓ is
+   needed and this forward is skipped.
 With `mask_truncated_completions`, TRL zeroes a truncated completion's mask *before* its forward, so its
 old log-probs in case 1 did not attend to the completion; those rows are recomputed with their real
-mask (every process runs the same number of forward chunks, as DeepSpeed ZeRO-3 and FSDP require).
+mask. Every process runs the same number of forward chunks, as DeepSpeed ZeRO-3 and FSDP require: the
+row count is the largest over processes, and if any process holds a vision-language batch (which is
+recomputed whole) every process recomputes all its rows.
 ℓ counts the tokens the model wrote: tool results (and a `rollout_func`'s `env_mask` 0 tokens) are in the
 context, not in ℓ, in every row (the tool mask is kept from `_generate`, before TRL zeroes a truncated
 row's).
@@ -59,11 +73,14 @@ Defined behaviour of the corner cases (never a NaN):
   (they are still evidence that other completions did better or worse, as for TRL's GRPO and
   train.py's `--mask_truncated`); ℓ is computed over their real tokens; TRL masks them out of the loss.
 - Evaluation with `num_generations_eval` (G may be 1): groups of that size; a group of one gets A = 0.
-- `scale_rewards`: "none" by default (LamPO's advantage is not divided by a std, docs/design.md §1);
-  "group" divides each group's advantages by its reward std + 1e-6 (`pairwise_advantages(scale_by_std=True)`);
-  "batch" is refused.
+- `scale_rewards`: "none" (or false) by default (LamPO's advantage is not divided by a std, docs/design.md
+  §1); "group" (or true) divides each group's advantages by its reward std + 1e-6
+  (`pairwise_advantages(scale_by_std=True)`); "batch" is refused, in Python and on the command line alike.
+- `lampo_relative_tau`: τ_eff = lampo_tau · the mean within-group std of ℓ over the generation batch's
+  complete groups (lambdapo.grouped_relative_tau), as train.py's --relative_tau.
 Logged each generation batch: lampo/weight_mean, lampo/weight_std, lampo/misordered_pairs,
-lampo/seq_logp_std, lampo/corr_rloo (lambdapo.lampo_diagnostics), next to TRL's own metrics.
+lampo/seq_logp_std, lampo/corr_rloo (lambdapo.lampo_diagnostics) and lampo/tau (τ_eff), next to TRL's own
+metrics.
 """
 
 from __future__ import annotations
@@ -96,8 +113,8 @@ def check_trl_version(version: str) -> None:
         release = None
     if release is None or not TRL_SUPPORTED[0] <= release < TRL_SUPPORTED[1]:
         raise LamPOVersionError(
-            f"trl_lampo supports TRL {TRL_RANGE} (it wraps GRPOTrainer's private _generate_and_score_completions "
-            f"and _calculate_rewards), but trl {version} is installed: pip install -r requirements-trl.txt")
+            f"trl_lampo supports TRL {TRL_RANGE} (it wraps GRPOTrainer's private _generate, _calculate_rewards and "
+            f"_generate_and_score_completions), but trl {version} is installed: pip install -r requirements-trl.txt")
 
 
 try:
@@ -109,6 +126,10 @@ except ImportError as error:                                    # no TRL, or one
     raise LamPOVersionError(
         f"trl_lampo needs TRL {TRL_RANGE} ({type(error).__name__}: {error}; installed: "
         f"{getattr(installed, '__version__', 'none')}): pip install -r requirements-trl.txt") from error
+
+# GRPOTrainer._generate's result in TRL 1.16, by position (hook 0 reads "tool_mask" and checks the length).
+TRL_GENERATE_FIELDS = ("prompt_ids", "completion_ids", "tool_mask", "completions", "logprobs", "extra_fields",
+                       "images", "tool_images")
 
 # Keys of a GRPO output batch that carry vision-language inputs (passed through to TRL's forward helper).
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
@@ -131,12 +152,20 @@ class LamPOConfig(GRPOConfig):
         "help": "LamPO sequence score ℓ_i of a completion under the sampling policy: 'mean' (length-normalised "
                 "log-probability, so a long completion is not 'unlikely' just for being long) or 'sum'.",
         "choices": ["mean", "sum"]})
+    lampo_relative_tau: bool = field(default=False, metadata={
+        "help": "LamPO: measure τ in units of the generation batch's ℓ spread (τ_eff = lampo_tau · the mean "
+                "within-group std of ℓ, logged as lampo/seq_logp_std; lampo/tau logs τ_eff), as train.py's "
+                "--relative_tau. This project's extension, not the paper's; off by default."})
+    # The command line and Python accept the same values: GRPOConfig takes True/False for group/none, so the
+    # parser takes "true"/"false" too ("batch", GRPO's batch-level std, is refused in both).
     scale_rewards: str = field(default="none", metadata={
-        "help": "LamPO: 'none' (default; the pairwise advantage as is) or 'group' (divide each group's advantages "
-                "by its reward std + 1e-6). 'batch' is not supported.",
-        "choices": ["none", "group", "batch"]})
+        "help": "LamPO: 'none' or 'false' (default; the pairwise advantage as is), 'group' or 'true' (divide each "
+                "group's advantages by its reward std + 1e-6).",
+        "choices": ["none", "group", "true", "false"]})
 
     def __post_init__(self):
+        if self.scale_rewards in ("true", "false"):              # the command line's spelling of True/False
+            self.scale_rewards = self.scale_rewards == "true"
         super().__post_init__()                                  # maps scale_rewards True/False to group/none
         if isinstance(self.lampo_tau, str):
             self.lampo_tau = float(self.lampo_tau)
@@ -145,7 +174,10 @@ class LamPOConfig(GRPOConfig):
         if self.lampo_seq_logp not in ("mean", "sum"):
             raise ValueError(f"lampo_seq_logp must be 'mean' or 'sum', got {self.lampo_seq_logp!r}")
         if self.scale_rewards not in ("none", "group"):
-            raise ValueError(f"LamPO supports scale_rewards 'none' or 'group' (per group), got {self.scale_rewards!r}")
+            raise ValueError(f"LamPO supports scale_rewards 'none'/false or 'group'/true (per group), got "
+                             f"{self.scale_rewards!r}")
+        if not isinstance(self.lampo_relative_tau, bool):
+            raise ValueError(f"lampo_relative_tau must be True or False, got {self.lampo_relative_tau!r}")
         if self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError("LamPO compares completions by their weighted reward sum: multi_objective_aggregation must "
                              f"be 'sum_then_normalize', got {self.multi_objective_aggregation!r}")
@@ -166,7 +198,8 @@ class LamPOTrainer(GRPOTrainer):
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = LamPOConfig(f"{name.rstrip('/').split('/')[-1]}-LamPO")
         if not isinstance(args, LamPOConfig):
-            raise TypeError(f"LamPOTrainer needs args=LamPOConfig(...) (GRPOConfig plus lampo_tau and lampo_seq_logp; "
+            raise TypeError(f"LamPOTrainer needs args=LamPOConfig(...) (GRPOConfig plus lampo_tau, lampo_relative_tau "
+                            f"and lampo_seq_logp; "
                             f"its scale_rewards defaults to 'none'), got {type(args).__name__}")
         self._lampo_rewards_per_func = None      # (N, K) gathered rewards of the batch being scored
         self._lampo_completion_ids = None        # this process's completion token lists
@@ -176,7 +209,15 @@ class LamPOTrainer(GRPOTrainer):
     # --- hook 0: keep the tool mask before mask_truncated_completions zeroes a truncated row's -------------
     def _generate(self, prompts):
         result = super()._generate(prompts)
-        tool_mask = result[2]                    # (prompt_ids, completion_ids, tool_mask, ...) in TRL 1.16
+        # Read by position, so check the layout first: a TRL that changed the tuple fails here, in one line,
+        # not later with a wrong mask.
+        if not isinstance(result, tuple) or len(result) != len(TRL_GENERATE_FIELDS):
+            size = len(result) if isinstance(result, (tuple, list)) else "?"
+            raise LamPOVersionError(
+                f"TRL {trl.__version__}: GRPOTrainer._generate returned a {type(result).__name__} of {size} items, "
+                f"not TRL 1.16's {len(TRL_GENERATE_FIELDS)} ({', '.join(TRL_GENERATE_FIELDS)}); trl_lampo supports "
+                f"TRL {TRL_RANGE}")
+        tool_mask = result[TRL_GENERATE_FIELDS.index("tool_mask")]
         self._lampo_tool_mask = None if tool_mask is None else [list(mask) for mask in tool_mask]
         return result
 
@@ -205,22 +246,31 @@ class LamPOTrainer(GRPOTrainer):
         scorable = ~torch.isnan(rewards_per_func).all(dim=1)                                     # (N,)
 
         # ℓ of this process's rows, then of every row of the global batch (groups straddle processes).
-        local_scores = self._lampo_sequence_scores(output, mode)                                 # (n,)
+        # A group of one (evaluation with num_generations_eval=1) has nobody to compare with: A = 0 whatever ℓ
+        # is, so its forward is skipped (G is the same on every process, so all of them skip it).
+        n = output["completion_ids"].size(0)
+        if G > 1:
+            local_scores = self._lampo_sequence_scores(output, mode)                             # (n,)
+        else:
+            local_scores = torch.zeros(n, device=device)
         seq_logps = self.accelerator.gather(local_scores.to(device))                             # (N,)
         if seq_logps.numel() != rewards.numel():
             raise RuntimeError(f"LamPO: {seq_logps.numel()} sequence scores for {rewards.numel()} rewards after gather")
 
         # Complete groups: rows [g·G, (g+1)·G) of the global batch.
         group_ids = torch.arange(rewards.numel(), device=device) // G
-        advantages = lambdapo.grouped_pairwise_advantages(rewards, seq_logps, group_ids, scorable, self.args.lampo_tau,
+        tau = self.args.lampo_tau
+        if self.args.lampo_relative_tau:                      # τ in units of this batch's ℓ spread (every process
+            tau = lambdapo.grouped_relative_tau(seq_logps, group_ids, scorable, tau)   # sees the same N rows)
+        advantages = lambdapo.grouped_pairwise_advantages(rewards, seq_logps, group_ids, scorable, tau,
                                                           scale_by_std=self.args.scale_rewards == "group")   # (N,)
-        n = local_scores.numel()
         start = self.accelerator.process_index * n
         output["advantages"] = advantages[start:start + n].to(output["advantages"].device)
 
-        # Logging: the diagnostics, and the completions table shows LamPO's advantages, not GRPO's.
-        for name, value in lambdapo.lampo_diagnostics(rewards, seq_logps, self.args.lampo_tau, advantages,
-                                                      group_ids, scorable).items():
+        # Logging: the diagnostics and τ (τ_eff under lampo_relative_tau, as train.py's lampo/tau), and the
+        # completions table shows LamPO's advantages, not GRPO's.
+        diagnostics = lambdapo.lampo_diagnostics(rewards, seq_logps, tau, advantages, group_ids, scorable)
+        for name, value in {**diagnostics, "lampo/tau": float(tau)}.items():
             self._metrics[mode][name].append(value)
         logged = self._logs["advantages"]
         replace = min(len(logged), advantages.numel())
@@ -264,10 +314,15 @@ class LamPOTrainer(GRPOTrainer):
         device = output["completion_ids"].device
         n = rows.numel()
         multimodal = {key: output[key] for key in MULTIMODAL_KEYS if key in output}
-        wanted = int(self.accelerator.gather(rows.sum().reshape(1).to(device)).max())
+        # Decided collectively: how many rows the busiest process recomputes, and whether any process holds
+        # images. A process with images recomputes all its rows (images cannot be sliced per row here); if it
+        # did so alone while a text-only process recomputed only its cut rows, the two would run different
+        # numbers of forward chunks, and ZeRO-3/FSDP (which gather parameters inside each forward) would hang.
+        plan = torch.tensor([int(rows.sum()), int(bool(multimodal))], device=device)
+        wanted, any_multimodal = (int(v) for v in self.accelerator.gather(plan.reshape(1, 2)).max(dim=0).values)
         if wanted == 0:
             return logps
-        if logps is None or multimodal:                       # all rows: images cannot be sliced per row here
+        if logps is None or any_multimodal:                   # all rows, on every process
             index = torch.arange(n, device=device)
             keep = torch.ones(n, dtype=torch.bool, device=device)
         else:
@@ -282,7 +337,7 @@ class LamPOTrainer(GRPOTrainer):
                 self.model, input_ids, attention_mask, output["completion_ids"].size(1), batch_size=batch_size,
                 **multimodal)
         fresh = fresh.detach().float()
-        if logps is None or multimodal:
+        if logps is None or any_multimodal:
             return fresh
         logps = logps.clone()
         logps[index[keep]] = fresh[keep]
@@ -350,8 +405,8 @@ class LamPOScriptArguments:
 def make_parser():
     from trl import ModelConfig, TrlParser
     return TrlParser((LamPOScriptArguments, LamPOConfig, ModelConfig),
-                     description=__doc__.split("\n\n")[0] + " LamPO's own options: --lampo_tau, --lampo_seq_logp, "
-                     "--scale_rewards, and the data options --dataset, --rouge_weight.")
+                     description=__doc__.split("\n\n")[0] + " LamPO's own options: --lampo_tau, --lampo_relative_tau, "
+                     "--lampo_seq_logp, --scale_rewards, and the data options --dataset, --rouge_weight.")
 
 
 def main(argv=None) -> None:
