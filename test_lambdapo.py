@@ -345,7 +345,7 @@ def gspo_token_loss(logps, old, advantages, mask, clip_low, clip_high, aggregati
     """An independent form of GSPO: the paper's "GSPO-token" ratio s_i,t = sg[s_i] · π_θ(t) / sg[π_θ(t)], with
     s_i written as a product of token ratios to the power 1/|o_i| (no mean of logs), and the clipped
     objective per sequence in Python loops. For every sequence its value is s_i and its gradient that of s_i."""
-    losses, token_terms = [], []
+    token_terms = []
     for i in range(logps.shape[0]):
         real = [t for t in range(logps.shape[1]) if mask[i, t]]
         product = torch.ones((), dtype=logps.dtype)
