@@ -1856,6 +1856,61 @@ def test_rewards_rouge_long_inputs_are_capped():
     assert 0.0 <= score <= 1.0
 
 
+def _lcs_by_table(a: list, b: list) -> int:
+    """The textbook O(n·m) dynamic programme, independent of both implementations under test."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def test_rewards_lcs_length_equals_the_table():
+    assert rewards.lcs_length(list("ABCBDAB"), list("BDCABA")) == 4     # CLRS's example: "BCBA"
+    assert rewards.lcs_length(list("ABCBDAB"), []) == 0
+    rng = random.Random(0)
+    for _ in range(2_000):
+        # small alphabets make long, ambiguous common subsequences; lengths cross the 64-bit word boundary
+        alphabet = "abcdefghij"[: rng.randint(1, 10)]
+        a = [rng.choice(alphabet) for _ in range(rng.randint(0, 150))]
+        b = [rng.choice(alphabet) for _ in range(rng.randint(0, 150))]
+        assert rewards.lcs_length(a, b) == rewards.lcs_length(b, a) == _lcs_by_table(a, b), (a, b)
+
+
+def test_rewards_rouge_equals_rouge_score_exactly():
+    """The fast ROUGE-L is rouge-score's F-measure on the same tokens, to the last bit: random texts over a small
+    math vocabulary (short and over the token cap) and the fixtures' worked solutions against each other."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=rewards._MathTokenizer())
+    rng = random.Random(1)
+    vocabulary = ["x", "y", "=", "+", "-", "2", "10", "(", ")", "\\frac", "{", "}", "so", "the", "is", "^"]
+    pairs = [(" ".join(rng.choice(vocabulary[: rng.randint(2, 16)]) for _ in range(rng.randint(0, 120))),
+              " ".join(rng.choice(vocabulary) for _ in range(rng.randint(0, 120)))) for _ in range(3_000)]
+    pairs += [(" ".join(rng.choice(vocabulary) for _ in range(rng.randint(900, 1_300))),
+               " ".join(rng.choice(vocabulary) for _ in range(rng.randint(300, 1_300)))) for _ in range(8)]
+    solutions = [json.loads(line)["solution"] for name in ("math_train.jsonl", "math500.jsonl")
+                 for line in open(os.path.join(FIXTURES, name))]
+    pairs += [(a, b) for a in solutions for b in solutions]
+    for completion, reference in pairs:
+        expected = scorer.score(reference, completion)["rougeL"].fmeasure if completion.strip() and reference.strip() else 0.0
+        assert rouge_l_reward(completion, reference) == expected, (completion, reference)
+
+
+def test_rewards_rouge_does_not_use_the_quadratic_table(monkeypatch):
+    """ROUGE-L of a 1,000-token completion is ~0.1 s through rouge-score's O(n·m) table (30 s a step for 256
+    completions): the reward must not call it."""
+    from rouge_score import rouge_scorer
+
+    def table(*args):
+        raise AssertionError("rouge-score's O(n·m) LCS table was used")
+
+    monkeypatch.setattr(rouge_scorer, "_lcs_table", table)
+    text = "x + y = z, so z - x = y. " * 100
+    assert 0.0 < rouge_l_reward(text, text[::-1]) < 1.0     # the autouse fixture: no catch-all fired either
+
+
 # ---- the reward ---------------------------------------------------------------------------------------------
 def test_rewards_reward_combines_accuracy_and_rouge():
     completion, reference = r"so 1 + 1 = 2, \boxed{2}", r"1 + 1 = 2, so \boxed{2}"
