@@ -25,9 +25,14 @@ backtrack catastrophically, no recursion).
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import os
 import re
+import signal
 import threading
 import time
+import warnings
 from fractions import Fraction
 from functools import lru_cache
 
@@ -242,19 +247,37 @@ def score_completions(
     answers: list[str],
     references: list[str | None] | None = None,
     rouge_weight: float = 0.0,
-    task: str = "math",
+    task: str | list[str] = "math",
+    workers: int | None = None,
 ) -> list[dict[str, float]]:
-    """`reward` for each (completion, answer, reference) triple, in order. A plain loop: grading is ~ms per
-    completion, negligible next to generation."""
+    """`reward` for each (completion, answer, reference[, task]) in order, graded across processes.
+
+    `task` is one task for all, or one per completion. `workers`: processes that grade (None or 0: every core
+    this process may use, once the batch has PARALLEL_MIN_COMPLETIONS completions; 1: a plain loop here). A
+    1,000-token MATH completion costs a few ms to grade, so 256 of them keep one core busy for a second or more
+    while the GPU waits; the workers are forked once and reused. Each worker grades in its own main thread, so
+    math-verify's SIGALRM timeouts bound every completion there as they do here, and a worker stuck past
+    HARD_TIMEOUT_S per completion is killed: its completions score 0 and count as grader errors. The result is
+    the same list a plain loop returns.
+
+    >>> score_completions([r"\\boxed{1}", r"\\boxed{2}"], ["1", "1"], workers=1) == [reward(r"\\boxed{1}", "1"), reward(r"\\boxed{2}", "1")]
+    True
+    """
+    n = len(completions)
     if references is None:
-        references = [None] * len(completions)
-    if not (len(completions) == len(answers) == len(references)):
-        raise ValueError(f"lengths differ: {len(completions)} completions, {len(answers)} answers, "
-                         f"{len(references)} references")
-    return [
-        reward(completion, answer, reference, rouge_weight, task)
-        for completion, answer, reference in zip(completions, answers, references)
-    ]
+        references = [None] * n
+    tasks = [task] * n if isinstance(task, str) else list(task)
+    if not (n == len(answers) == len(references) == len(tasks)):
+        raise ValueError(f"lengths differ: {n} completions, {len(answers)} answers, "
+                         f"{len(references)} references, {len(tasks)} tasks")
+    for name in set(tasks) - {"math", "multiple_choice"}:      # a configuration error: say it here, not in a worker
+        raise ValueError(f"unknown task {name!r}: expected 'math' or 'multiple_choice'")
+    items = [(completion, answer, reference, rouge_weight, kind)
+             for completion, answer, reference, kind in zip(completions, answers, references, tasks)]
+    workers = _worker_count(workers, n)
+    if workers <= 1:
+        return [reward(*item) for item in items]
+    return _score_in_processes(items, workers)
 
 
 # ===============================================================================================================
@@ -867,3 +890,82 @@ def _rouge_l_f(prediction: str, reference: str) -> float:
         lcs = lcs_length(predicted, list(target))
     precision, recall = lcs / len(predicted), lcs / len(target)     # as rouge_score.scoring.fmeasure computes it
     return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grading a batch across processes (score_completions)
+# ---------------------------------------------------------------------------------------------------------------
+PARALLEL_MIN_COMPLETIONS = 64  # a smaller batch is graded in this process: the round trip would cost more
+HARD_TIMEOUT_S = 4 * GRADE_BUDGET_S  # per completion; only a worker stuck where SIGALRM cannot reach ever waits it
+
+_pool = None  # (worker count, multiprocessing.Pool), created on first use and reused
+
+
+def _worker_count(workers: int | None, n: int) -> int:
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 or None: every core), got {workers}")
+    if workers:
+        return min(workers, n)
+    if n < PARALLEL_MIN_COMPLETIONS:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, n)
+
+
+def _grade_chunk(items: list[tuple]) -> tuple[list[dict[str, float]], int]:
+    """In a worker: the rewards of a few completions, and how many exceptions the catch-alls caught meanwhile."""
+    before = grader_errors()
+    return [reward(*item) for item in items], grader_errors() - before
+
+
+def _process_pool(workers: int):
+    """The worker pool, forked from this process (no re-import of the training script or of torch in every worker;
+    the workers run only this module's pure-Python graders). Without fork (Windows) the workers are spawned."""
+    global _pool
+    if _pool is None or _pool[0] != workers:
+        _close_pool()
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with warnings.catch_warnings():   # Python >= 3.12 warns about fork in a threaded process; the workers use no thread
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _pool = (workers, context.Pool(workers, initializer=_ignore_interrupts))
+    return _pool[1]
+
+
+def _ignore_interrupts() -> None:
+    """In a worker: Ctrl-C reaches the whole process group, but only the training process decides what it means
+    (train.py finishes the step): a worker killed by it mid-chunk would leave its chunk to the hard timeout."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _close_pool() -> None:
+    global _pool
+    if _pool is not None:
+        _pool[1].terminate()
+        _pool = None
+
+
+atexit.register(_close_pool)
+
+
+def _score_in_processes(items: list[tuple], workers: int) -> list[dict[str, float]]:
+    """`reward(*item)` for every item, in order, over `workers` processes, each chunk waited for at most
+    HARD_TIMEOUT_S per completion of the slowest worker's share."""
+    global _errors
+    size = max(1, -(-len(items) // (4 * workers)))             # ~4 chunks per worker: an even finish
+    chunks = [items[i:i + size] for i in range(0, len(items), size)]
+    pool = _process_pool(workers)
+    pending = [pool.apply_async(_grade_chunk, (chunk,)) for chunk in chunks]
+    deadline = time.monotonic() + HARD_TIMEOUT_S * -(-len(items) // workers)
+    scored, stuck = [], False
+    for chunk, result in zip(chunks, pending):
+        try:
+            values, errors = result.get(timeout=max(0.0, deadline - time.monotonic()))
+        except multiprocessing.TimeoutError:
+            values, errors, stuck = [{"reward": 0.0, "accuracy": 0.0, "rouge": 0.0} for _ in chunk], len(chunk), True
+        scored.extend(values)
+        with _errors_lock:
+            _errors += errors
+    if stuck:                                                  # a stuck worker would hold every later batch up
+        _close_pool()
+    return scored

@@ -1934,6 +1934,71 @@ def test_rewards_reward_tasks_and_batch():
     assert outs[0]["rouge"] == 0.0
 
 
+def _grading_batch(n: int):
+    """n completions with answers, references and tasks: right and wrong answers, ROUGE, multiple choice."""
+    rng = random.Random(0)
+    completions, answers, references, tasks = [], [], [], []
+    for i in range(n):
+        if i % 5 == 4:
+            completions.append(f"The answer is ({'ABCD'[i % 4]}).")
+            answers.append("ABCD"[(i // 2) % 4]), references.append(None), tasks.append("multiple_choice")
+            continue
+        value = rng.randint(1, 30)
+        completions.append(rf"We get $x^2 = {value * value}$, so $x = \boxed{{{value + i % 2}}}$.")
+        answers.append(str(value)), references.append(rf"Since $x^2 = {value * value}$, $x = \boxed{{{value}}}$.")
+        tasks.append("math")
+    return completions, answers, references, tasks
+
+
+def test_score_completions_in_processes_equals_the_plain_loop():
+    completions, answers, references, tasks = _grading_batch(80)
+    plain = [reward(c, a, r, 0.1, t) for c, a, r, t in zip(completions, answers, references, tasks)]
+    assert score_completions(completions, answers, references, 0.1, tasks, workers=1) == plain
+    assert score_completions(completions, answers, references, 0.1, tasks, workers=2) == plain
+    for worker in rewards._process_pool(2)._pool:      # Ctrl-C reaches the workers too: they leave it to train.py
+        os.kill(worker.pid, signal.SIGINT)
+    start = time.monotonic()
+    assert score_completions(completions, answers, references, 0.1, tasks, workers=2) == plain
+    assert time.monotonic() - start < 10                # no chunk was lost to a dead worker (and its hard timeout)
+    assert 0 < sum(p["accuracy"] for p in plain) < 80 and all(p["rouge"] > 0 for p, t in zip(plain, tasks) if t == "math")
+    with pytest.raises(ValueError, match="unknown task 'poetry'"):
+        score_completions(completions, answers, references, 0.1, ["poetry"] * 80, workers=2)
+    with pytest.raises(ValueError, match="lengths differ"):
+        score_completions(completions, answers[:-1], workers=2)
+
+
+def test_score_completions_workers_keep_the_timeouts_and_count_errors(monkeypatch):
+    """A worker grades in its own main thread, so math-verify's SIGALRM timeouts are on there (in a thread they are
+    off); what its catch-alls catch is counted in this process; a stuck worker is cut off at HARD_TIMEOUT_S."""
+    rewards._close_pool()                        # the next pool is forked from this test's state
+    assert rewards._process_pool(2).apply(rewards._timeouts) == (rewards.PARSE_TIMEOUT_S, rewards.VERIFY_TIMEOUT_S)
+    rewards._close_pool()
+    monkeypatch.setattr(rewards, "_errors", 0)                  # restored afterwards: the autouse check stays exact
+    real_is_correct = rewards._is_correct
+
+    def broken_or_stuck(completion, answer):
+        if "stuck" in completion:
+            time.sleep(60)                      # what SIGALRM cannot interrupt (a C call) looks like this
+        if "bug" in completion:
+            raise RuntimeError("grader bug")
+        return real_is_correct(completion, answer)
+
+    monkeypatch.setattr(rewards, "_is_correct", broken_or_stuck)
+    monkeypatch.setattr(rewards, "HARD_TIMEOUT_S", 0.1)       # per completion of a worker's share: 3.2 s here
+    completions = [r"\boxed{1}"] * 30 + ["bug"] * 3 + ["stuck"] + [r"\boxed{1}"] * 30
+    start = time.monotonic()
+    try:
+        scored = score_completions(completions, ["1"] * len(completions), workers=2)
+        assert rewards._pool is None                            # the stuck worker is gone with its pool
+    finally:
+        rewards._close_pool()                   # no worker of this test's patched graders outlives it
+    assert time.monotonic() - start < 15
+    accuracy = [s["accuracy"] for s in scored]
+    assert len(accuracy) == 64 and accuracy[30:34] == [0.0] * 4
+    # every completion of a chunk lost to the stuck worker counts as an error, and every bug: at least 4
+    assert rewards.grader_errors() >= 4 and sum(accuracy) >= 64 - rewards.grader_errors()
+
+
 # ===================================================================================================
 # 8. Data (data.py): every loader on small invented fixtures (fixtures/), no network
 # ===================================================================================================

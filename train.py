@@ -82,6 +82,8 @@ class Config:
     beta: float = option(0.0, "k3 KL penalty weight to the initial policy; > 0 loads a frozen reference copy")
     aggregation: str = option("token-mean", "loss aggregation: token-mean (DAPO) | seq-mean (GRPO) | fixed-length (Dr. GRPO)")
     rouge_weight: float = option(0.1, "α in r = accuracy + α·ROUGE-L-F(completion, reference solution); 0 disables")
+    reward_workers: int = option(None, "processes that grade a step's completions (rewards.score_completions; "
+                                       "preset: 1 toy, whose completions grade in microseconds; 0 LLM = every core)")
     mask_truncated: bool = option(False, "drop completions cut off by max_new_tokens from the loss (DAPO's overlong filter)")
     tis_cap: float = option(0.0, "truncated importance sampling: weight each token's policy-gradient term by "
                                  "min(π_old / π_sampler, C) with C = this cap, for the gap between the fast engine's "
@@ -137,7 +139,7 @@ class Config:
 
 TOY_PRESET = dict(dataset="toy", prompts_per_step=16, max_new_tokens=48, num_steps=80, lr=5e-5, warmup_steps=10,
                   mini_batches=4, micro_batch_size=None, gradient_checkpointing=False, eval_every=20,
-                  eval_benchmark="toy", eval_limit=200, save_every=20, generation_batch_size=256)
+                  eval_benchmark="toy", eval_limit=200, save_every=20, generation_batch_size=256, reward_workers=1)
 PRESETS = {
     "toy": TOY_PRESET,
     # toy_hard (toy.py): every carry can be lost, 2–4 digits (longer solutions); learning takes ~10× the toy's
@@ -146,7 +148,8 @@ PRESETS = {
                  "num_steps": 200},
     "llm": dict(dataset="math", prompts_per_step=32, max_new_tokens=1024, num_steps=500, lr=1e-6, warmup_steps=10,
                 mini_batches=2, micro_batch_size=8, gradient_checkpointing=True, eval_every=50,
-                eval_benchmark="math500", eval_limit=100, save_every=50, generation_batch_size=128),
+                eval_benchmark="math500", eval_limit=100, save_every=50, generation_batch_size=128,
+                reward_workers=0),
 }
 # What changes with --lora_rank > 0. The learning rate: a rank-r update moves far fewer directions than full
 # fine-tuning, and the usual LoRA rate is about 10× the full one (tuned on the toy task: docs/lora.md).
@@ -212,6 +215,7 @@ RANGES = {
     "save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
     "keep_checkpoints": (lambda v: v >= 1, "at least 1"),
     "log_samples": (lambda v: v >= 0, ">= 0"),
+    "reward_workers": (lambda v: v >= 0, ">= 0 (0: every core, 1: grade in the training process)"),
     "seed": (lambda v: 0 <= v < 2 ** 63, "an integer >= 0"),
     "lora_rank": (lambda v: v >= 0, ">= 0 (0 = full fine-tuning)"),
     "lora_alpha": (lambda v: 0 <= v and finite(v), "a finite number > 0"),     # (0 is the preset without LoRA)
@@ -709,9 +713,10 @@ def train(config: Config) -> dict:
                 # ==================================================================================
                 tick = time.time()
                 grader_errors = rewards.grader_errors()
-                scored = [rewards.reward(completion, batch[row // G]["answer"], batch[row // G].get("solution"),
-                                         config.rouge_weight, batch[row // G].get("task", "math"))
-                          for row, completion in enumerate(rollout.completions)]
+                of_row = [batch[row // G] for row in range(len(rollout.completions))]        # row b: prompt b // G
+                scored = rewards.score_completions(rollout.completions, [r["answer"] for r in of_row],
+                                                   [r.get("solution") for r in of_row], config.rouge_weight,
+                                                   [r.get("task", "math") for r in of_row], config.reward_workers)
                 reward_values, accuracy, rouge = reward_tensors(scored, G, s.device)    # (num_prompts, G), (B,), (B,)
                 grader_errors = rewards.grader_errors() - grader_errors                # completions it crashed on
                 timings["time/reward"] = time.time() - tick
