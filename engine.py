@@ -68,8 +68,11 @@ class FastGenerator:
     Shapes are bucketed so that compiling happens a few times per run, not every step. A compiled step is
     specialised to its shapes (batch, cache length); RL prompts change width every step, and after torch's
     recompile limit (8) dynamo would silently run the rest of the process eagerly. So, when compiling:
-      - the prompt width P is left-padded up to a power of two (≥ `min_prompt_bucket`): RoPE positions
-        come from the mask, so extra left padding changes no token;
+      - the prompt width P is left-padded up to a power of two (≥ `min_prompt_bucket`), but never past
+        `max_prompt_tokens` (train.py's `--max_prompt_tokens`: a 513-token prompt must not cost a 1,024-slot
+        cache): RoPE positions come from the mask, so extra left padding changes no token. A prompt longer
+        than the cap (evaluation grades every problem) is decoded at its own width, eagerly: a one-off
+        shape is not worth a compile;
       - the batch is padded up to a power of two with copies of row 0, marked finished from the start;
       - one StaticCache per (batch, cache length) bucket is kept and `reset()` between calls, so its
         tensors keep their addresses and a captured CUDA graph stays valid. A cache is large (Qwen3-1.7B:
@@ -80,7 +83,7 @@ class FastGenerator:
     """
 
     def __init__(self, policy, compile: bool = False, check_every: int = 16, backend=None,
-                 min_prompt_bucket: int = 64, max_cached_shapes: int = 1):
+                 min_prompt_bucket: int = 64, max_cached_shapes: int = 1, max_prompt_tokens: int | None = None):
         device = next(policy.parameters()).device
         self.policy = policy
         already_low_precision = next(policy.parameters()).dtype != torch.float32
@@ -91,6 +94,7 @@ class FastGenerator:
         self.backend = backend
         self.check_every = check_every
         self.min_prompt_bucket = min_prompt_bucket
+        self.max_prompt_tokens = max_prompt_tokens            # prompt buckets stop here (None: no cap)
         self.max_cached_shapes = max_cached_shapes
         self.cache_argument = _cache_argument_name(self.model)
         self.compiled_shapes: set[tuple[int, int]] = set()    # (batch, cache length) the compiled step has seen
@@ -134,6 +138,15 @@ class FastGenerator:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=True, **{self.cache_argument: cache}).logits[:, -1]
 
+    def prompt_width(self, P: int) -> int:
+        """The padded prompt width of a decode: P itself when not compiling or when P is over the cap, else the
+        power of two ≥ max(P, min_prompt_bucket), clamped to the cap."""
+        cap = self.max_prompt_tokens
+        if not self.compile or (cap is not None and P > cap):
+            return P
+        width = max(_power_of_two_at_least(P), self.min_prompt_bucket)
+        return width if cap is None else min(width, cap)
+
     def _step_for(self, shape: tuple[int, int]):
         """The compiled step when this shape is within the compile budget, else the eager one."""
         if not self.compile:
@@ -163,14 +176,15 @@ class FastGenerator:
         device = prompt_ids.device
         # Buckets (only when compiling: eager decoding gains nothing from padding).
         batch = _power_of_two_at_least(B) if self.compile else B
-        width = max(_power_of_two_at_least(P), self.min_prompt_bucket) if self.compile else P
+        width = self.prompt_width(P)
         ids = torch.full((batch, width), pad_id, dtype=prompt_ids.dtype, device=device)        # (batch, width)
         mask = torch.zeros((batch, width), dtype=prompt_mask.dtype, device=device)
         ids[:B, width - P:], mask[:B, width - P:] = prompt_ids, prompt_mask      # more left padding
         ids[B:, width - P:], mask[B:, width - P:] = prompt_ids[:1], prompt_mask[:1]   # filler rows: copies of row 0
         length = width + T
         cache = self._cache(batch, length)
-        step = self._step_for((batch, length))
+        over_cap = self.max_prompt_tokens is not None and P > self.max_prompt_tokens
+        step = self._step if over_cap else self._step_for((batch, length))
 
         attention_mask = torch.cat([mask, mask.new_zeros(batch, T)], dim=1)       # (batch, width + T), fixed shape
         position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)                   # (batch, width)
@@ -206,10 +220,11 @@ class FastGenerator:
         return tokens[:B], sampling_logps[:B]
 
 
-def make_engine(choice: str, model, compile: bool = True) -> FastGenerator | None:
+def make_engine(choice: str, model, compile: bool = True, max_prompt_tokens: int | None = None) -> FastGenerator | None:
     """`--rollout_engine` / `--engine`: "fast", "plain" (None: model.generate), or "auto" (fast on CUDA only)."""
     on_cuda = next(model.parameters()).device.type == "cuda"
-    return FastGenerator(model, compile=compile) if choice == "fast" or (choice == "auto" and on_cuda) else None
+    return FastGenerator(model, compile=compile, max_prompt_tokens=max_prompt_tokens) \
+        if choice == "fast" or (choice == "auto" and on_cuda) else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,11 +245,12 @@ class MergedLoraGenerator(FastGenerator):
     reading the same tensors.
     """
 
-    def __init__(self, policy, compile: bool = False, check_every: int = 16):
+    def __init__(self, policy, compile: bool = False, check_every: int = 16, max_prompt_tokens: int | None = None):
         device = next(policy.parameters()).device
         dtype = torch.bfloat16 if device.type == "cuda" else next(policy.get_base_model().parameters()).dtype
         merged = merged_copy(policy).to(dtype).eval()
-        super().__init__(merged, compile=compile, check_every=check_every)   # low precision or CPU: used as is
+        super().__init__(merged, compile=compile, check_every=check_every,   # low precision or CPU: used as is
+                         max_prompt_tokens=max_prompt_tokens)
         self.model = self.policy = merged       # (whatever the base class would copy: sync() writes into this one)
         self.lora_policy = policy
         merged_modules = dict(merged.named_modules())
@@ -254,8 +270,10 @@ class MergedLoraGenerator(FastGenerator):
             target.weight.copy_(layer.get_base_layer().weight.float() + delta)
 
 
-def make_lora_engine(choice: str, policy, compile: bool = True) -> FastGenerator | None:
+def make_lora_engine(choice: str, policy, compile: bool = True,
+                     max_prompt_tokens: int | None = None) -> FastGenerator | None:
     """The rollout engine of a LoRA policy: "fast" (or "auto" on CUDA) -> MergedLoraGenerator; "plain" or
     "auto" on CPU -> None (peft's adapter-aware model.generate)."""
     on_cuda = next(policy.parameters()).device.type == "cuda"
-    return MergedLoraGenerator(policy, compile=compile) if choice == "fast" or (choice == "auto" and on_cuda) else None
+    return MergedLoraGenerator(policy, compile=compile, max_prompt_tokens=max_prompt_tokens) \
+        if choice == "fast" or (choice == "auto" and on_cuda) else None

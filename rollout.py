@@ -102,6 +102,15 @@ def tokenize_prompts(tokenizer, texts: list[str], device="cpu") -> tuple[torch.T
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
 
+def prompt_token_counts(tokenizer, prompts: list[str], system_prompt: str | None = None,
+                        chat_template_kwargs: dict | None = None) -> list[int]:
+    """Tokens of each user prompt as the model reads it (chat template and its special tokens included): the
+    row lengths `tokenize_prompts` gives before padding. `--max_prompt_tokens` is checked against these."""
+    formatted = format_prompts(tokenizer, prompts, system_prompt, chat_template_kwargs)
+    encoded = tokenizer(formatted, add_special_tokens=not getattr(tokenizer, "chat_template", None))
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
 def eos_token_ids(model, tokenizer) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS and the model's generation EOS ids.
 

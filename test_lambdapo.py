@@ -1384,6 +1384,74 @@ def test_compiled_engine_fallback_to_eager_is_visible(tiny, monkeypatch):
     assert engine.eager_fallbacks == 1
 
 
+def test_prompt_buckets_never_pass_the_cap_and_longer_prompts_decode_at_their_width(tiny):
+    torch._dynamo.reset()
+    model, tokenizer = tiny
+    engine = FastGenerator(model, compile=True, backend=GraphCounter(), max_prompt_tokens=24, min_prompt_bucket=16)
+    assert [engine.prompt_width(P) for P in (3, 16, 17, 24, 25, 40)] == [16, 16, 24, 24, 25, 40]
+    uncapped = FastGenerator(model, compile=True, backend=GraphCounter(), min_prompt_bucket=16)
+    assert [uncapped.prompt_width(P) for P in (3, 17, 25, 40)] == [16, 32, 32, 64]
+    assert FastGenerator(model, max_prompt_tokens=24).prompt_width(17) == 17      # eager: no padding at all
+    sampling = rollout.SamplingConfig(max_new_tokens=6, do_sample=False)
+    short, long = ["1+2="], ["+".join(["12"] * 12) + "="]                             # 6 and 38 tokens templated
+    assert rollout.prompt_token_counts(tokenizer, short + long) == [6, 38]
+    for prompts in (short, long):
+        compiled = rollout.generate(model, tokenizer, prompts, 2, sampling, engine=engine)
+        reference = rollout.generate(model, tokenizer, prompts, 2, sampling)             # model.generate
+        assert torch.equal(compiled.completion_ids, reference.completion_ids)
+    assert engine.compiled_shapes == {(2, 16 + 6)}        # the long prompt went eagerly, at its own width
+    assert [key for key in engine._caches] == [(2, 38 + 6)] and engine.eager_fallbacks == 0
+
+
+def test_prompt_token_counts_are_the_rows_tokenize_prompts_gives(tiny):
+    _, tokenizer = tiny
+    prompts = ["1+2=", "345+678=", "1" * 50]
+    counts = rollout.prompt_token_counts(tokenizer, prompts)
+    _, mask = rollout.tokenize_prompts(tokenizer, rollout.format_prompts(tokenizer, prompts))
+    assert counts == mask.sum(1).tolist() and counts[2] > counts[1] > counts[0]
+
+
+def test_train_drops_overlong_training_prompts_and_grades_every_eval_problem(tiny_model_dir, tmp_path, monkeypatch):
+    """Training prompts over --max_prompt_tokens are dropped at load and counted; evaluation drops none: it says
+    how many are longer and generates them in batches of as many KV-cache slots as a batch at the cap."""
+    import train
+    problems = ["1+2", "3+4", "5+6", "7+8", "+".join(["1"] * 40), "+".join(["2"] * 60)]
+    train_file, eval_file = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train_file.write_text("".join(json.dumps({"problem": p, "answer": "3"}) + "\n" for p in problems))
+    eval_file.write_text("".join(json.dumps({"problem": p, "answer": "3"}) + "\n" for p in problems[3:]))
+    tokenizer = toy.build_tokenizer()
+    counts = rollout.prompt_token_counts(tokenizer, [data.math_prompt(p) for p in problems])
+    cap = max(counts[:4])
+    assert min(counts[4:]) > cap
+    logged = []
+    args = tiny_args(tiny_model_dir, tmp_path / "run", "--dataset", str(train_file), "--eval_benchmark", "math500",
+                     "--eval_data_file", str(eval_file), "--eval_limit", "3", "--generation_batch_size", "8",
+                     "--max_prompt_tokens", str(cap))
+    config = train.parse_config(args)
+    s = train.setup(config, log=logged.append)
+    assert sorted(r["prompt"] for r in s.records) == sorted(data.math_prompt(p) for p in problems[:4])
+    assert f"--max_prompt_tokens {cap}: dropped 2 of 6 training prompts longer than that (longest {max(counts)} tokens)" in logged
+    longest = max(counts[4:])
+    batch = train.long_prompt_batch_size(8, cap, longest, 6)
+    assert batch == 8 * (cap + 6) // (longest + 6) and 1 <= batch < 8
+    assert f"--max_prompt_tokens {cap}: 2 of 3 math500 prompts are longer (longest {longest} tokens); all are graded, " \
+           f"those in generation batches of {batch}" in logged
+    calls, real_evaluate = [], train.evaluate
+
+    def spy(model, tokenizer, records, k, sampling, *args, **kwargs):
+        calls.append((len(records), sampling.batch_size))
+        return real_evaluate(model, tokenizer, records, k, sampling, *args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", spy)
+    assert train.held_out_eval(s, config, 0, log=logged.append)["eval/n"] == 3                # every problem graded
+    assert calls == [(1, 8), (2, batch)]
+    with pytest.raises(SystemExit) as exit_info:                                   # nothing left to train on
+        train.main(tiny_args(tiny_model_dir, tmp_path / "none", "--dataset", str(train_file), "--max_prompt_tokens", "3"))
+    assert f"every training prompt is longer than --max_prompt_tokens 3 (the shortest has {min(counts)} tokens)" \
+        in str(exit_info.value.code)
+    assert train.parse_config([]).max_prompt_tokens == 64 and train.parse_config(["--model", "Qwen/Qwen3-1.7B"]).max_prompt_tokens == 512
+
+
 def test_mini_batches_are_exactly_as_many_as_asked_and_lr_is_this_steps(tiny_model_dir, tmp_path):
     """6 rows in 4 mini-batches: torch.chunk would give 3; the logged lr is the rate the step used."""
     import train
