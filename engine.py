@@ -19,13 +19,14 @@ from collections import OrderedDict
 import torch
 
 from models import merged_copy
-from rollout import SamplingConfig
+from rollout import SamplingConfig, nucleus
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
                       greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from softmax(logits / temperature), restricted to the top_p nucleus, and its
-    log-probability under the full softmax(logits / temperature) (what token_logprobs computes). (B,), (B,)
+    """One token per row from softmax(logits / temperature), restricted to the top_p nucleus and renormalised,
+    and its log-probability under that same distribution (what token_logprobs computes with the same top_p:
+    log p − log Z_p, rollout.nucleus). (B,), (B,)
 
     One softmax per step serves both. No host synchronisation (no .item(), no multinomial): the exponential
     race argmax(p / E), E ~ Exp(1), draws exactly from p and keeps the whole decode step on the device.
@@ -33,15 +34,14 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
     log_probs = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), dim=-1)   # (B, V)
     if greedy:
         token = log_probs.argmax(dim=-1)
-    else:
-        probs = log_probs.exp()
-        if top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs               # probability ranked above each token
-            sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)     # the first token always stays
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        token = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
-    return token, log_probs.gather(-1, token[:, None]).squeeze(-1)
+        return token, log_probs.gather(-1, token[:, None]).squeeze(-1)
+    probs = log_probs.exp()
+    log_mass = torch.zeros_like(log_probs[:, 0])                                    # (B,) log Z_p = 0: all of it
+    if top_p < 1.0:
+        keep, log_mass = nucleus(log_probs, top_p)                                  # the first token always stays
+        probs = probs.masked_fill(~keep, 0.0)
+    token = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+    return token, log_probs.gather(-1, token[:, None]).squeeze(-1) - log_mass
 
 
 def _power_of_two_at_least(n: int) -> int:
@@ -169,7 +169,8 @@ class FastGenerator:
         """(completion_ids (B, T), sampling_logps (B, T)) for left-padded prompts (B, P).
 
         sampling_logps are log softmax(logits / temperature) of the chosen tokens under the generation
-        model (0 after EOS): π_sampler, which train.py compares with π_old (`sampling/logp_gap_*`, TIS).
+        model, renormalised over the top_p nucleus when top_p < 1 (0 after EOS): π_sampler, which train.py
+        compares with π_old (`sampling/logp_gap_*`, TIS).
         """
         B, P = prompt_ids.shape
         T = sampling.max_new_tokens

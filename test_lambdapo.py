@@ -316,12 +316,24 @@ def test_completion_mask_with_several_eos_ids():
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and truncated.tolist() == [False, True]
 
 
-def plain_logprobs(model, input_ids, attention_mask, completion_ids, temperature):
-    """Independent reference: one full forward, full log_softmax, gather. (B, T)"""
+def nucleus_log_mass(scaled_logits, top_p):
+    """log Z_p, the mass of the top_p nucleus, through transformers' own TopPLogitsWarper (the rule
+    model.generate samples with), independent of rollout.nucleus. (..., V) -> (...)"""
+    from transformers import TopPLogitsWarper
+    V = scaled_logits.shape[-1]
+    warped = TopPLogitsWarper(top_p)(None, scaled_logits.reshape(-1, V)).reshape(scaled_logits.shape)
+    return torch.logsumexp(warped, -1) - torch.logsumexp(scaled_logits, -1), warped
+
+
+def plain_logprobs(model, input_ids, attention_mask, completion_ids, temperature, top_p=1.0):
+    """Independent reference: one full forward, full log_softmax, gather; with top_p < 1 minus log Z_p. (B, T)"""
     positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
     T = completion_ids.shape[1]
-    logprobs = torch.log_softmax(logits[:, -T - 1:-1].float() / temperature, dim=-1)
+    scaled = logits[:, -T - 1:-1].float() / temperature
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    if top_p < 1.0:
+        logprobs = logprobs - nucleus_log_mass(scaled, top_p)[0][..., None]
     return logprobs.gather(-1, completion_ids[..., None]).squeeze(-1)
 
 
@@ -422,18 +434,68 @@ def test_fast_engine_matches_plain_generate_under_greedy(tiny, group_size):
     assert torch.equal(plain.completion_mask, fast.completion_mask) and plain.completions == fast.completions
 
 
-def test_fast_engine_reports_the_logprobs_of_its_samples(tiny):
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_fast_engine_reports_the_logprobs_of_its_samples(tiny, top_p):
+    """The sampler's log-probs are those of the distribution it sampled (the renormalised nucleus when top_p < 1),
+    which token_logprobs computes with the same top_p: the PPO ratio and TIS start at exactly 1."""
     model, tokenizer = tiny
     formatted = rollout.format_prompts(tokenizer, ["1+2=", "345+678="])
     prompt_ids, prompt_mask = rollout.tokenize_prompts(tokenizer, formatted)
     torch.manual_seed(0)
-    sampling = rollout.SamplingConfig(max_new_tokens=10, temperature=0.8)
+    sampling = rollout.SamplingConfig(max_new_tokens=10, temperature=0.8, top_p=top_p)
     completion_ids, sampling_logps = FastGenerator(model).decode(prompt_ids, prompt_mask, sampling, [0], 0)
     mask, _ = rollout.completion_mask_from_eos(completion_ids, [0])
     with torch.no_grad():
         logps = rollout.token_logprobs(model, torch.cat([prompt_ids, completion_ids], 1),
-                                       torch.cat([prompt_mask, mask], 1), mask, temperature=0.8)
+                                       torch.cat([prompt_mask, mask], 1), mask, temperature=0.8, top_p=top_p)
+        oracle = plain_logprobs(model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, mask], 1),
+                                completion_ids, 0.8, top_p) * mask
     torch.testing.assert_close(sampling_logps * mask, logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logps, oracle, atol=1e-5, rtol=1e-5)
+
+
+def test_nucleus_is_transformers_top_p_rule():
+    torch.manual_seed(0)
+    logits = torch.randn(300, 40) * torch.rand(300, 1) * 4                 # flat to peaked rows
+    for top_p in (0.3, 0.8, 0.95, 0.999):
+        log_mass, warped = nucleus_log_mass(logits, top_p)
+        keep, mine = rollout.nucleus(torch.log_softmax(logits, -1), top_p)
+        assert torch.equal(keep, warped.isfinite())
+        torch.testing.assert_close(mine, log_mass)
+        assert bool((mine.exp() >= top_p - 1e-6).all()) and bool(keep.any(-1).all())
+
+
+def test_token_logprobs_with_top_p_are_the_nucleus_and_its_gradient(tiny):
+    """Log-probs, entropy and gradient under the renormalised nucleus: token_logprobs = plain_token_logprobs = the
+    transformers-warper oracle; a token outside the nucleus gets log p − log Z_p (finite), not −∞."""
+    model, tokenizer = tiny
+    r = sample_rollout(model, tokenizer, G=2, max_new_tokens=8)              # sampled at top_p 1: some tokens fall outside
+    top_p, T = 0.6, 0.9
+    logps, entropy = rollout.token_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, T,
+                                            micro_batch_size=2, return_entropy=True, top_p=top_p)
+    plain = rollout.plain_token_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, T, top_p)
+    mask = r.completion_mask
+    with torch.no_grad():
+        oracle = plain_logprobs(model, r.input_ids, r.attention_mask, r.completion_ids, T, top_p) * mask
+        full = plain_logprobs(model, r.input_ids, r.attention_mask, r.completion_ids, T) * mask
+        positions = (r.attention_mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=positions).logits
+        _, warped = nucleus_log_mass(logits[:, -mask.shape[1] - 1:-1].float() / T, top_p)
+        q = torch.log_softmax(warped, -1)
+        expected_entropy = -torch.where(q.isfinite(), q.exp() * q, 0.0).sum(-1) * mask
+    torch.testing.assert_close(logps, oracle, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain, oracle, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy * mask, expected_entropy, atol=1e-5, rtol=1e-5)
+    assert bool((logps[mask.bool()] > full[mask.bool()]).all())          # renormalised: Z_p < 1 raises every token
+    outside = ~torch.gather(warped.isfinite(), -1, r.completion_ids[..., None]).squeeze(-1) & mask.bool()
+    assert outside.any() and bool(logps[outside].isfinite().all())
+    (logps * mask).sum().backward()                                       # through log p and log Z_p
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (plain_logprobs(model, r.input_ids, r.attention_mask, r.completion_ids, T, top_p) * mask).sum().backward()
+    for got, expected in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    model.zero_grad()
 
 
 def test_sampled_tokens_follow_temperature_and_top_p():
@@ -1006,7 +1068,7 @@ def answers_world(tmp_path_factory):
 LOOP_DEFAULTS = dict(algo="lampo", tau=1.0, relative_tau=False, seq_logp="mean", scale_by_std="auto",
                      clip_low=0.2, clip_high=0.2, beta=0.0, aggregation="token-mean", rouge_weight=1.0,
                      mask_truncated=False, tis_cap=0.0, group_size=4, prompts_per_step=2, max_new_tokens=8,
-                     temperature=1.0, num_steps=2, lr=1e-3, warmup_steps=3, weight_decay=0.0,
+                     temperature=1.0, top_p=1.0, num_steps=2, lr=1e-3, warmup_steps=3, weight_decay=0.0,
                      max_grad_norm=1.0, epochs=1, mini_batches=2, micro_batch_size=3, seed=0)
 
 
@@ -1044,13 +1106,13 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
 
     def forward(weights, ids, attention, completion_ids):
         load(weights)
-        return plain_logprobs(model, ids, attention, completion_ids, T_sample)      # (B, T)
+        return plain_logprobs(model, ids, attention, completion_ids, T_sample, options["top_p"])      # (B, T)
 
     generator = torch.Generator().manual_seed(options["seed"])              # the documented mini-batch order
     seen = {"advantages": [], "truncated": 0, "finished": 0, "clipped_tokens": 0.0, "norm_clipped": 0, "kl": 0.0,
             "batches": [], "right": 0, "wrong": 0}
     for step, (result, prompts, sampling) in enumerate(zip(spy.rollouts, spy.prompts, spy.samplings)):
-        assert sampling.temperature == T_sample and sampling.top_p == 1.0 and not sampling.greedy
+        assert sampling.temperature == T_sample and sampling.top_p == options["top_p"] and not sampling.greedy
         optimizer_steps = spy.steps[step * per_step:(step + 1) * per_step]
         # π_old is the policy the step started from; π_ref the initial policy
         ids = torch.cat([result.prompt_ids, result.completion_ids], 1)
@@ -1133,7 +1195,7 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
         assert logged["reward/grader_errors"] == 0
         assert logged["lampo/tau"] == pytest.approx(tau, rel=1e-5)
         if options["beta"] > 0:
-            assert logged["kl"] == pytest.approx(kl_sum / max(tokens, 1), abs=1e-6)
+            assert logged["kl"] == pytest.approx(kl_sum / max(tokens, 1), rel=1e-5, abs=1e-6)
         assert logged["policy_kl"] == pytest.approx(policy_kl_sum / max(tokens, 1), rel=1e-5, abs=1e-6)
         assert logged["grad_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-4)     # before clipping
         # entropy of softmax(logits / T) under π_old, over the real completion tokens
@@ -1141,8 +1203,11 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
             load(optimizer_steps[0]["weights"])
             positions = (attention.cumsum(-1) - 1).clamp_min(0)
             logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-            logp_all = torch.log_softmax(logits[:, -completion_ids.shape[1] - 1:-1].float() / T_sample, dim=-1)
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            scaled = logits[:, -completion_ids.shape[1] - 1:-1].float() / T_sample
+            if options["top_p"] < 1.0:                                      # of the renormalised nucleus
+                scaled = nucleus_log_mass(scaled, options["top_p"])[1]
+            logp_all = torch.log_softmax(scaled, dim=-1)
+            entropy = -torch.where(logp_all.isfinite(), logp_all.exp() * logp_all, 0.0).sum(-1)
         assert logged["entropy"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-4)
         assert logged["completions/mean_length"] == pytest.approx(mask.sum(1).float().mean().item())
     # AdamW, fed the (now verified) gradients, reproduces every step's weights and final/
@@ -1189,6 +1254,8 @@ LOOP_CASES = {
     "dr_grpo": {"algo": "dr_grpo"},
     "rloo": {"algo": "rloo", "tau": 0.3},
     "fast engine, TIS": {"rollout_engine": "fast", "tis_cap": 0.5, "beta": 0.5},
+    "top_p": {"top_p": 0.7, "beta": 0.5},
+    "top_p, fast engine, TIS": {"top_p": 0.8, "rollout_engine": "fast", "tis_cap": 1.5},
 }
 
 

@@ -98,7 +98,9 @@ class Config:
                                           "ones in smaller batches; the fast engine's prompt buckets stop here "
                                           "(preset: 64 toy, whose prompts are ≤ 12; 512 LLM, as TRL)")
     temperature: float = option(1.0, "sampling temperature; log-probs use the same temperature")
-    top_p: float = option(1.0, "nucleus sampling; 1.0 samples the full distribution")
+    top_p: float = option(1.0, "nucleus sampling; 1.0 samples the full distribution. Below 1 the policy trained is "
+                               "the renormalised nucleus that samples: π_old, π_θ, π_ref and the sampler's "
+                               "log-probs are all taken under it, so the PPO ratio and TIS compare what sampled")
     enable_thinking: bool = option(False, "Qwen3 chat template's thinking mode (graded after </think>)")
     generation_batch_size: int = option(None, "sequences generated at once; the KV cache of one batch stays allocated "
                                               "(memory only; preset: 256 toy, 128 LLM: 21 GiB for Qwen3-1.7B at "
@@ -785,11 +787,12 @@ def train(config: Config) -> dict:
                 completion_mask = rollout.completion_mask                                 # (B, T)
                 with torch.no_grad(), s.autocast():
                     old_logps, entropy = token_logprobs(policy, input_ids, attention_mask, completion_mask,
-                                                        config.temperature, config.micro_batch_size, return_entropy=True)
+                                                        config.temperature, config.micro_batch_size, return_entropy=True,
+                                                        top_p=config.top_p)
                     with adapters_disabled(s.reference):              # LoRA: π_ref is the base, adapters off
                         ref_logps = None if s.reference is None else token_logprobs(
                             s.reference, input_ids, attention_mask, completion_mask, config.temperature,
-                            config.micro_batch_size)
+                            config.micro_batch_size, top_p=config.top_p)
                 seq_logps = lambdapo.sequence_scores(old_logps, completion_mask, config.seq_logp).view(-1, G)  # ℓ (num_prompts, G)
                 tau = lambdapo.relative_tau(seq_logps, config.tau) if config.relative_tau else config.tau
                 advantages = lambdapo.compute_advantages(config.algo, reward_values, seq_logps, tau,
@@ -821,7 +824,7 @@ def train(config: Config) -> dict:
                         for micro in mini_batch.split(config.micro_batch_size or B):
                             with s.autocast():
                                 logps = token_logprobs(policy, input_ids[micro], attention_mask[micro],
-                                                       completion_mask[micro], config.temperature)
+                                                       completion_mask[micro], config.temperature, top_p=config.top_p)
                             scaled_loss, scale, stats = micro_batch_loss(
                                 config, logps, old_logps[micro], advantages[micro], loss_mask[micro], full_mask,
                                 ref_logps[micro] if ref_logps is not None else None,
