@@ -21,13 +21,14 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from models import merged_copy
-from rollout import SamplingConfig
+from rollout import SamplingConfig, nucleus
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
                       greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from softmax(logits / temperature), restricted to the top_p nucleus, and its
-    log-probability under the full softmax(logits / temperature) (what token_logprobs computes). (B,), (B,)
+    """One token per row from softmax(logits / temperature), restricted to the top_p nucleus and renormalised,
+    and its log-probability under that same distribution (what token_logprobs computes with the same top_p:
+    log p − log Z_p, rollout.nucleus). (B,), (B,)
 
     One softmax per step serves both. No host synchronisation (no .item(), no multinomial): the exponential
     race argmax(p / E), E ~ Exp(1), draws exactly from p and keeps the whole decode step on the device.
@@ -35,15 +36,14 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
     log_probs = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), dim=-1)   # (B, V)
     if greedy:
         token = log_probs.argmax(dim=-1)
-    else:
-        probs = log_probs.exp()
-        if top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs               # probability ranked above each token
-            sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)     # the first token always stays
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        token = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
-    return token, log_probs.gather(-1, token[:, None]).squeeze(-1)
+        return token, log_probs.gather(-1, token[:, None]).squeeze(-1)
+    probs = log_probs.exp()
+    log_mass = torch.zeros_like(log_probs[:, 0])                                    # (B,) log Z_p = 0: all of it
+    if top_p < 1.0:
+        keep, log_mass = nucleus(log_probs, top_p)                                  # the first token always stays
+        probs = probs.masked_fill(~keep, 0.0)
+    token = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+    return token, log_probs.gather(-1, token[:, None]).squeeze(-1) - log_mass
 
 
 def _power_of_two_at_least(n: int) -> int:
@@ -166,8 +166,11 @@ class FastGenerator:
     Shapes are bucketed so that compiling happens a few times per run, not every step. A compiled step is
     specialised to its shapes (batch, cache length, attended length), and RL prompts change width every step.
     So, when compiling:
-      - the prompt width P is left-padded up to a power of two (≥ `min_prompt_bucket`): RoPE positions
-        come from the mask, so extra left padding changes no token;
+      - the prompt width P is left-padded up to a power of two (≥ `min_prompt_bucket`), but never past
+        `max_prompt_tokens` (train.py's `--max_prompt_tokens`: a 513-token prompt must not cost a 1,024-slot
+        cache): RoPE positions come from the mask, so extra left padding changes no token. A prompt longer
+        than the cap (evaluation grades every problem) is decoded at its own width, eagerly: a one-off
+        shape is not worth a compile;
       - the batch is padded up to a power of two with copies of row 0, marked finished from the start;
       - one StaticCache per batch bucket is kept and `reset()` between calls, so its tensors keep their
         addresses and a captured CUDA graph stays valid. It only grows: a narrower prompt decodes in the
@@ -181,7 +184,7 @@ class FastGenerator:
 
     def __init__(self, policy, compile: bool = False, check_every: int = 16, backend=None,
                  min_prompt_bucket: int = MIN_PROMPT_BUCKET, max_cached_shapes: int = 1, kv_block: int = KV_BLOCK,
-                 max_compiled_shapes: int = 32):
+                 max_compiled_shapes: int = 32, max_prompt_tokens: int | None = None):
         device = next(policy.parameters()).device
         self.policy = policy
         already_low_precision = next(policy.parameters()).dtype != torch.float32
@@ -192,6 +195,7 @@ class FastGenerator:
         self.backend = backend
         self.check_every = check_every
         self.min_prompt_bucket = min_prompt_bucket
+        self.max_prompt_tokens = max_prompt_tokens            # prompt buckets stop here (None: no cap)
         self.max_cached_shapes = max_cached_shapes
         self.kv_block = kv_block
         self.max_compiled_shapes = max_compiled_shapes
@@ -237,6 +241,15 @@ class FastGenerator:
     def _step(self, input_ids, attention_mask, position_ids, cache):
         return _forward_step(self.model, self.cache_argument, input_ids, attention_mask, position_ids, cache)
 
+    def prompt_width(self, P: int) -> int:
+        """The padded prompt width of a decode: P itself when not compiling or when P is over the cap, else the
+        power of two ≥ max(P, min_prompt_bucket), clamped to the cap."""
+        cap = self.max_prompt_tokens
+        if not self.compile or (cap is not None and P > cap):
+            return P
+        width = max(_power_of_two_at_least(P), self.min_prompt_bucket)
+        return width if cap is None else min(width, cap)
+
     def _step_for(self, shape: tuple[int, int, int]):
         """(step, compiled, why not): the compiled step when this shape is within the compile budget, else the
         eager one and the reason."""
@@ -278,23 +291,27 @@ class FastGenerator:
         """(completion_ids (B, T), sampling_logps (B, T)) for left-padded prompts (B, P).
 
         sampling_logps are log softmax(logits / temperature) of the chosen tokens under the generation
-        model (0 after EOS): π_sampler, which train.py compares with π_old (`sampling/logp_gap_*`, TIS).
+        model, renormalised over the top_p nucleus when top_p < 1 (0 after EOS): π_sampler, which train.py
+        compares with π_old (`sampling/logp_gap_*`, TIS).
         """
         B, P = prompt_ids.shape
         T = sampling.max_new_tokens
         device = prompt_ids.device
         # Buckets (only when compiling: eager decoding gains nothing from padding).
         batch = _power_of_two_at_least(B) if self.compile else B
-        width = max(_power_of_two_at_least(P), self.min_prompt_bucket) if self.compile else P
+        width = self.prompt_width(P)
         ids = torch.full((batch, width), pad_id, dtype=prompt_ids.dtype, device=device)        # (batch, width)
         mask = torch.zeros((batch, width), dtype=prompt_mask.dtype, device=device)
         ids[:B, width - P:], mask[:B, width - P:] = prompt_ids, prompt_mask      # more left padding
         ids[B:, width - P:], mask[B:, width - P:] = prompt_ids[:1], prompt_mask[:1]   # filler rows: copies of row 0
         length, cache = self._cache(batch, width + T)                           # length ≥ width + T: caches only grow
+        over_cap = self.max_prompt_tokens is not None and P > self.max_prompt_tokens   # decoded eagerly
         with self._decoding(length) as own_attention:
-            return self._decode_loop(ids, mask, B, T, sampling, eos_ids, pad_id, length, cache, own_attention)
+            return self._decode_loop(ids, mask, B, T, sampling, eos_ids, pad_id, length, cache, own_attention,
+                                     eager=over_cap)
 
-    def _decode_loop(self, ids, mask, B, T, sampling, eos_ids, pad_id, length, cache, own_attention):
+    def _decode_loop(self, ids, mask, B, T, sampling, eos_ids, pad_id, length, cache, own_attention,
+                     eager=False):
         batch, width = ids.shape
         device = ids.device
         visible = torch.zeros((batch, length), dtype=torch.bool, device=device)   # slots a row attends to
@@ -323,7 +340,7 @@ class FastGenerator:
             attended = attended_length(width + t, length, self.kv_block) if own_attention else length
             step_mask = visible[:, None, None, :attended] if own_attention else visible
             if attended not in steps:                  # a new bucket: its compiled step (or why eager)
-                steps[attended] = self._step_for((batch, length, attended))
+                steps[attended] = (self._step, False, None) if eager else self._step_for((batch, length, attended))
                 if steps[attended][2] and not fell_back:
                     self._warn_once(steps[attended][2])        # counted once per decode call
                     fell_back = True
@@ -343,10 +360,11 @@ class FastGenerator:
         return tokens[:B], sampling_logps[:B]
 
 
-def make_engine(choice: str, model, compile: bool = True) -> FastGenerator | None:
+def make_engine(choice: str, model, compile: bool = True, max_prompt_tokens: int | None = None) -> FastGenerator | None:
     """`--rollout_engine` / `--engine`: "fast", "plain" (None: model.generate), or "auto" (fast on CUDA only)."""
     on_cuda = next(model.parameters()).device.type == "cuda"
-    return FastGenerator(model, compile=compile) if choice == "fast" or (choice == "auto" and on_cuda) else None
+    return FastGenerator(model, compile=compile, max_prompt_tokens=max_prompt_tokens) \
+        if choice == "fast" or (choice == "auto" and on_cuda) else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -367,11 +385,12 @@ class MergedLoraGenerator(FastGenerator):
     reading the same tensors.
     """
 
-    def __init__(self, policy, compile: bool = False, check_every: int = 16):
+    def __init__(self, policy, compile: bool = False, check_every: int = 16, max_prompt_tokens: int | None = None):
         device = next(policy.parameters()).device
         dtype = torch.bfloat16 if device.type == "cuda" else next(policy.get_base_model().parameters()).dtype
         merged = merged_copy(policy).to(dtype).eval()
-        super().__init__(merged, compile=compile, check_every=check_every)   # low precision or CPU: used as is
+        super().__init__(merged, compile=compile, check_every=check_every,   # low precision or CPU: used as is
+                         max_prompt_tokens=max_prompt_tokens)
         self.model = self.policy = merged       # (whatever the base class would copy: sync() writes into this one)
         self.lora_policy = policy
         merged_modules = dict(merged.named_modules())
@@ -391,8 +410,10 @@ class MergedLoraGenerator(FastGenerator):
             target.weight.copy_(layer.get_base_layer().weight.float() + delta)
 
 
-def make_lora_engine(choice: str, policy, compile: bool = True) -> FastGenerator | None:
+def make_lora_engine(choice: str, policy, compile: bool = True,
+                     max_prompt_tokens: int | None = None) -> FastGenerator | None:
     """The rollout engine of a LoRA policy: "fast" (or "auto" on CUDA) -> MergedLoraGenerator; "plain" or
     "auto" on CPU -> None (peft's adapter-aware model.generate)."""
     on_cuda = next(policy.parameters()).device.type == "cuda"
-    return MergedLoraGenerator(policy, compile=compile) if choice == "fast" or (choice == "auto" and on_cuda) else None
+    return MergedLoraGenerator(policy, compile=compile, max_prompt_tokens=max_prompt_tokens) \
+        if choice == "fast" or (choice == "auto" and on_cuda) else None

@@ -17,7 +17,11 @@ itself, so the model would never be rewarded for stopping. A completion with no 
 `max_new_tokens` is *truncated* (`Rollout.truncated`); its mask covers all T tokens.
 
 Per-token log-probs (`token_logprobs`) are computed from logits divided by the sampling temperature:
-those are the probabilities the tokens were actually sampled with, which the PPO ratio must use.
+those are the probabilities the tokens were actually sampled with, which the PPO ratio must use. With
+top_p < 1 the tokens were sampled from the nucleus of that distribution, renormalised, so the log-probs are
+the nucleus's too (`nucleus`): log p(y) − log Z_p, Z_p the nucleus's mass. The policy being trained is then
+the sampling procedure itself, and π_θ / π_old, the TIS weights and the KL all compare the distributions that
+really sample (docs/design.md §1).
 """
 
 from contextlib import nullcontext
@@ -131,6 +135,15 @@ def tokenize_prompts(tokenizer, texts: list[str], device="cpu") -> tuple[torch.T
     encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=not getattr(tokenizer, "chat_template", None))
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+
+def prompt_token_counts(tokenizer, prompts: list[str], system_prompt: str | None = None,
+                        chat_template_kwargs: dict | None = None) -> list[int]:
+    """Tokens of each user prompt as the model reads it (chat template and its special tokens included): the
+    row lengths `tokenize_prompts` gives before padding. `--max_prompt_tokens` is checked against these."""
+    formatted = format_prompts(tokenizer, prompts, system_prompt, chat_template_kwargs)
+    encoded = tokenizer(formatted, add_special_tokens=not getattr(tokenizer, "chat_template", None))
+    return [len(ids) for ids in encoded["input_ids"]]
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -256,15 +269,48 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, sampling: Sa
 # ---------------------------------------------------------------------------------------------------
 # Per-token log-probabilities
 # ---------------------------------------------------------------------------------------------------
+def nucleus(log_probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top_p nucleus of each row of normalised log-probs (N, V): (keep (N, V) bool, log Z_p (N,)).
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches top_p: a token stays when the mass
+    ranked above it is < top_p (the most likely one always stays), the rule of transformers' TopPLogitsWarper
+    and of the engine's sampler (which calls this). Z_p is the nucleus's mass; log p − log Z_p is the
+    renormalised log-prob. Differentiable in log_probs (the set itself is piecewise constant).
+
+    >>> keep, log_mass = nucleus(torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log(), 0.9)   # mass above: 0, .5, .8, .95
+    >>> keep, round(log_mass.exp().item(), 4)
+    (tensor([[ True,  True,  True, False]]), 0.95)
+    """
+    sorted_log_probs, order = log_probs.sort(dim=-1, descending=True)
+    sorted_probs = sorted_log_probs.exp()
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs                    # probability ranked above each token
+    keep_sorted = mass_before < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    log_mass = torch.logsumexp(sorted_log_probs.masked_fill(~keep_sorted, float("-inf")), dim=-1)
+    return keep, log_mass
+
+
 def _logprobs_and_entropy(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
-                          temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          temperature: float, with_entropy: bool,
+                          top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(lm_head(hidden) / temperature)[target] and, if asked, the entropy, for N tokens. (N,), (N,)
+    With top_p < 1, of the renormalised nucleus (`nucleus`).
 
     The entropy costs a second pass over (N, V); the update's forward does not need it, so it skips it.
     """
     logits = lm_head(hidden).float() / temperature                      # (N, V) float32, one chunk only
     log_normalizer = torch.logsumexp(logits, dim=-1)                    # (N,)
     logps = logits.gather(-1, targets[:, None]).squeeze(-1) - log_normalizer
+    if top_p < 1.0:
+        # A target outside the nucleus (the sampler's and this forward's numerics differ at the nucleus's edge,
+        # or π_θ has moved since π_old sampled) keeps the same formula log p − log Z_p, finite, not −∞: its
+        # ratio stays defined and the clip bounds it.
+        keep, log_mass = nucleus(logits - log_normalizer[:, None], top_p)          # (N, V), (N,)
+        logps = logps - log_mass
+        if not with_entropy:
+            return logps, None
+        log_q = (logits - log_normalizer[:, None] - log_mass[:, None]).masked_fill(~keep, float("-inf"))
+        return logps, -(log_q.exp() * log_q.masked_fill(~keep, 0.0)).sum(-1)      # H of the renormalised nucleus
     if not with_entropy:
         return logps, None
     entropy = log_normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)    # H = log Z − E_p[logit]
@@ -298,7 +344,7 @@ def _used_columns(attention_mask: torch.Tensor, completion_mask: torch.Tensor) -
 
 
 def plain_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-                         temperature: float = 1.0) -> torch.Tensor:
+                         temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
     """`token_logprobs` in the ten lines to copy (tested equal to it): one forward, the whole vocabulary. (B, T)
 
     It holds (B, T, V) float32 logits at once (Qwen3: 0.6 MB per token), fine for a few sequences; an RL batch
@@ -308,14 +354,18 @@ def plain_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)     # left padding must not shift RoPE
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     logits = logits[:, -T - 1:-1].float() / temperature                     # the state at t − 1 predicts token t
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, -T:, None]).squeeze(-1)   # (B, T)
+    log_probs = torch.log_softmax(logits, dim=-1)                           # (B, T, V)
+    if top_p < 1.0:                                                         # sampled from the nucleus, renormalised
+        log_probs = log_probs - nucleus(log_probs, top_p)[1][..., None]
+    logps = log_probs.gather(-1, input_ids[:, -T:, None]).squeeze(-1)       # (B, T)
     return logps * completion_mask                                          # 0 after EOS
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
                    temperature: float = 1.0, micro_batch_size: int | None = None,
-                   return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of every completion token under `model`, with logits / temperature. (B, T)
+                   return_entropy: bool = False, top_p: float = 1.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of every completion token under `model`, with logits / temperature (and with top_p < 1,
+    under the renormalised top_p nucleus the tokens were sampled from: `nucleus`). (B, T)
 
     input_ids, attention_mask: (B, P + T), prompts left-padded; completion_mask: (B, T). Values where
     completion_mask = 0 are 0. Differentiable when called with grad enabled (the update's forward).
@@ -356,7 +406,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         flat_logps, flat_entropy = [], []
         for chunk in range(0, targets.shape[0], LOGIT_CHUNK_TOKENS):
             piece = slice(chunk, chunk + LOGIT_CHUNK_TOKENS)
-            arguments = (states[piece], project, targets[piece], temperature, return_entropy)
+            arguments = (states[piece], project, targets[piece], temperature, return_entropy, top_p)
             if torch.is_grad_enabled():
                 chunk_logps, chunk_entropy = checkpoint(_logprobs_and_entropy, *arguments, use_reentrant=False)
             else:

@@ -423,12 +423,24 @@ def test_completion_mask_with_several_eos_ids():
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and truncated.tolist() == [False, True]
 
 
-def plain_logprobs(model, input_ids, attention_mask, completion_ids, temperature):
-    """Independent reference: one full forward, full log_softmax, gather. (B, T)"""
+def nucleus_log_mass(scaled_logits, top_p):
+    """log Z_p, the mass of the top_p nucleus, through transformers' own TopPLogitsWarper (the rule
+    model.generate samples with), independent of rollout.nucleus. (..., V) -> (...)"""
+    from transformers import TopPLogitsWarper
+    V = scaled_logits.shape[-1]
+    warped = TopPLogitsWarper(top_p)(None, scaled_logits.reshape(-1, V)).reshape(scaled_logits.shape)
+    return torch.logsumexp(warped, -1) - torch.logsumexp(scaled_logits, -1), warped
+
+
+def plain_logprobs(model, input_ids, attention_mask, completion_ids, temperature, top_p=1.0):
+    """Independent reference: one full forward, full log_softmax, gather; with top_p < 1 minus log Z_p. (B, T)"""
     positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
     T = completion_ids.shape[1]
-    logprobs = torch.log_softmax(logits[:, -T - 1:-1].float() / temperature, dim=-1)
+    scaled = logits[:, -T - 1:-1].float() / temperature
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    if top_p < 1.0:
+        logprobs = logprobs - nucleus_log_mass(scaled, top_p)[0][..., None]
     return logprobs.gather(-1, completion_ids[..., None]).squeeze(-1)
 
 
@@ -552,18 +564,68 @@ def test_fast_engine_matches_plain_generate_under_greedy(tiny, group_size):
     assert torch.equal(plain.completion_mask, fast.completion_mask) and plain.completions == fast.completions
 
 
-def test_fast_engine_reports_the_logprobs_of_its_samples(tiny):
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_fast_engine_reports_the_logprobs_of_its_samples(tiny, top_p):
+    """The sampler's log-probs are those of the distribution it sampled (the renormalised nucleus when top_p < 1),
+    which token_logprobs computes with the same top_p: the PPO ratio and TIS start at exactly 1."""
     model, tokenizer = tiny
     formatted = rollout.format_prompts(tokenizer, ["1+2=", "345+678="])
     prompt_ids, prompt_mask = rollout.tokenize_prompts(tokenizer, formatted)
     torch.manual_seed(0)
-    sampling = rollout.SamplingConfig(max_new_tokens=10, temperature=0.8)
+    sampling = rollout.SamplingConfig(max_new_tokens=10, temperature=0.8, top_p=top_p)
     completion_ids, sampling_logps = FastGenerator(model).decode(prompt_ids, prompt_mask, sampling, [0], 0)
     mask, _ = rollout.completion_mask_from_eos(completion_ids, [0])
     with torch.no_grad():
         logps = rollout.token_logprobs(model, torch.cat([prompt_ids, completion_ids], 1),
-                                       torch.cat([prompt_mask, mask], 1), mask, temperature=0.8)
+                                       torch.cat([prompt_mask, mask], 1), mask, temperature=0.8, top_p=top_p)
+        oracle = plain_logprobs(model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, mask], 1),
+                                completion_ids, 0.8, top_p) * mask
     torch.testing.assert_close(sampling_logps * mask, logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logps, oracle, atol=1e-5, rtol=1e-5)
+
+
+def test_nucleus_is_transformers_top_p_rule():
+    torch.manual_seed(0)
+    logits = torch.randn(300, 40) * torch.rand(300, 1) * 4                 # flat to peaked rows
+    for top_p in (0.3, 0.8, 0.95, 0.999):
+        log_mass, warped = nucleus_log_mass(logits, top_p)
+        keep, mine = rollout.nucleus(torch.log_softmax(logits, -1), top_p)
+        assert torch.equal(keep, warped.isfinite())
+        torch.testing.assert_close(mine, log_mass)
+        assert bool((mine.exp() >= top_p - 1e-6).all()) and bool(keep.any(-1).all())
+
+
+def test_token_logprobs_with_top_p_are_the_nucleus_and_its_gradient(tiny):
+    """Log-probs, entropy and gradient under the renormalised nucleus: token_logprobs = plain_token_logprobs = the
+    transformers-warper oracle; a token outside the nucleus gets log p − log Z_p (finite), not −∞."""
+    model, tokenizer = tiny
+    r = sample_rollout(model, tokenizer, G=2, max_new_tokens=8)              # sampled at top_p 1: some tokens fall outside
+    top_p, T = 0.6, 0.9
+    logps, entropy = rollout.token_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, T,
+                                            micro_batch_size=2, return_entropy=True, top_p=top_p)
+    plain = rollout.plain_token_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, T, top_p)
+    mask = r.completion_mask
+    with torch.no_grad():
+        oracle = plain_logprobs(model, r.input_ids, r.attention_mask, r.completion_ids, T, top_p) * mask
+        full = plain_logprobs(model, r.input_ids, r.attention_mask, r.completion_ids, T) * mask
+        positions = (r.attention_mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=positions).logits
+        _, warped = nucleus_log_mass(logits[:, -mask.shape[1] - 1:-1].float() / T, top_p)
+        q = torch.log_softmax(warped, -1)
+        expected_entropy = -torch.where(q.isfinite(), q.exp() * q, 0.0).sum(-1) * mask
+    torch.testing.assert_close(logps, oracle, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain, oracle, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy * mask, expected_entropy, atol=1e-5, rtol=1e-5)
+    assert bool((logps[mask.bool()] > full[mask.bool()]).all())          # renormalised: Z_p < 1 raises every token
+    outside = ~torch.gather(warped.isfinite(), -1, r.completion_ids[..., None]).squeeze(-1) & mask.bool()
+    assert outside.any() and bool(logps[outside].isfinite().all())
+    (logps * mask).sum().backward()                                       # through log p and log Z_p
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (plain_logprobs(model, r.input_ids, r.attention_mask, r.completion_ids, T, top_p) * mask).sum().backward()
+    for got, expected in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    model.zero_grad()
 
 
 def test_sampled_tokens_follow_temperature_and_top_p():
@@ -1209,7 +1271,7 @@ def answers_world(tmp_path_factory):
 LOOP_DEFAULTS = dict(algo="lampo", tau=1.0, relative_tau=False, seq_logp="mean", scale_by_std="auto",
                      clip_low=0.2, clip_high=0.2, beta=0.0, aggregation="token-mean", rouge_weight=1.0,
                      mask_truncated=False, tis_cap=0.0, group_size=4, prompts_per_step=2, max_new_tokens=8,
-                     temperature=1.0, num_steps=2, lr=1e-3, warmup_steps=3, weight_decay=0.0,
+                     temperature=1.0, top_p=1.0, num_steps=2, lr=1e-3, warmup_steps=3, weight_decay=0.0,
                      max_grad_norm=1.0, epochs=1, mini_batches=2, micro_batch_size=3, seed=0)
 
 
@@ -1254,7 +1316,7 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
 
     def forward(weights, ids, attention, completion_ids):
         load(weights)
-        return plain_logprobs(model, ids, attention, completion_ids, T_sample)      # (B, T)
+        return plain_logprobs(model, ids, attention, completion_ids, T_sample, options["top_p"])      # (B, T)
 
     generator = torch.Generator().manual_seed(options["seed"])              # the documented mini-batch order
     seen = {"advantages": [], "truncated": 0, "finished": 0, "clipped_tokens": 0.0, "norm_clipped": 0, "kl": 0.0,
@@ -1268,7 +1330,7 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
         step_rounds, kept, with_spread = [], [], 0
         while True:
             result, prompts, sampling = rounds.pop(0)
-            assert sampling.temperature == T_sample and sampling.top_p == 1.0 and not sampling.greedy
+            assert sampling.temperature == T_sample and sampling.top_p == options["top_p"] and not sampling.greedy
             is_eos = (result.completion_ids == eos).long()
             round_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()          # up to and including the first EOS
             round_r = []
@@ -1411,8 +1473,11 @@ def run_loop_oracle(model_dir, out_dir, monkeypatch, dataset="toy", **changes):
             load(optimizer_steps[0]["weights"])
             positions = (attention.cumsum(-1) - 1).clamp_min(0)
             logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-            logp_all = torch.log_softmax(logits[:, -completion_ids.shape[1] - 1:-1].float() / T_sample, dim=-1)
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            scaled = logits[:, -completion_ids.shape[1] - 1:-1].float() / T_sample
+            if options["top_p"] < 1.0:                                      # of the renormalised nucleus
+                scaled = nucleus_log_mass(scaled, options["top_p"])[1]
+            logp_all = torch.log_softmax(scaled, dim=-1)
+            entropy = -torch.where(logp_all.isfinite(), logp_all.exp() * logp_all, 0.0).sum(-1)
         assert logged["entropy"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-4)
         assert logged["completions/mean_length"] == pytest.approx(mask.sum(1).float().mean().item())
     assert not rounds and first_update == len(spy.steps)                    # every rollout and update accounted for
@@ -1463,6 +1528,8 @@ LOOP_CASES = {
     # GSPO: one ratio per completion; a clip range at which some sequences clip and others do not
     "importance_level sequence": {"importance_level": "sequence", "clip_low": 0.05, "clip_high": 0.1,
                                   "epochs": 2, "lr": 1e-4},
+    "top_p": {"top_p": 0.7, "beta": 0.5},
+    "top_p, fast engine, TIS": {"top_p": 0.8, "rollout_engine": "fast", "tis_cap": 1.5},
 }
 
 
@@ -1798,6 +1865,74 @@ def test_engine_is_freed_without_the_garbage_collector(tiny):
         assert engine_ref() is None and cache_ref() is None
     finally:
         gc.enable()
+
+
+def test_prompt_buckets_never_pass_the_cap_and_longer_prompts_decode_at_their_width(tiny):
+    torch._dynamo.reset()
+    model, tokenizer = tiny
+    engine = FastGenerator(model, compile=True, backend=GraphCounter(), max_prompt_tokens=24, min_prompt_bucket=16)
+    assert [engine.prompt_width(P) for P in (3, 16, 17, 24, 25, 40)] == [16, 16, 24, 24, 25, 40]
+    uncapped = FastGenerator(model, compile=True, backend=GraphCounter(), min_prompt_bucket=16)
+    assert [uncapped.prompt_width(P) for P in (3, 17, 25, 40)] == [16, 32, 32, 64]
+    assert FastGenerator(model, max_prompt_tokens=24).prompt_width(17) == 17      # eager: no padding at all
+    sampling = rollout.SamplingConfig(max_new_tokens=6, do_sample=False)
+    short, long = ["1+2="], ["+".join(["12"] * 12) + "="]                             # 6 and 38 tokens templated
+    assert rollout.prompt_token_counts(tokenizer, short + long) == [6, 38]
+    for prompts in (short, long):
+        compiled = rollout.generate(model, tokenizer, prompts, 2, sampling, engine=engine)
+        reference = rollout.generate(model, tokenizer, prompts, 2, sampling)             # model.generate
+        assert torch.equal(compiled.completion_ids, reference.completion_ids)
+    assert engine.compiled_shapes == {(2, 16 + 6, 16 + 6)}    # the long prompt went eagerly, at its own width
+    assert list(engine._caches) == [2] and engine._caches[2][0] == 38 + 6 and engine.eager_fallbacks == 0
+
+
+def test_prompt_token_counts_are_the_rows_tokenize_prompts_gives(tiny):
+    _, tokenizer = tiny
+    prompts = ["1+2=", "345+678=", "1" * 50]
+    counts = rollout.prompt_token_counts(tokenizer, prompts)
+    _, mask = rollout.tokenize_prompts(tokenizer, rollout.format_prompts(tokenizer, prompts))
+    assert counts == mask.sum(1).tolist() and counts[2] > counts[1] > counts[0]
+
+
+def test_train_drops_overlong_training_prompts_and_grades_every_eval_problem(tiny_model_dir, tmp_path, monkeypatch):
+    """Training prompts over --max_prompt_tokens are dropped at load and counted; evaluation drops none: it says
+    how many are longer and generates them in batches of as many KV-cache slots as a batch at the cap."""
+    import train
+    problems = ["1+2", "3+4", "5+6", "7+8", "+".join(["1"] * 40), "+".join(["2"] * 60)]
+    train_file, eval_file = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train_file.write_text("".join(json.dumps({"problem": p, "answer": "3"}) + "\n" for p in problems))
+    eval_file.write_text("".join(json.dumps({"problem": p, "answer": "3"}) + "\n" for p in problems[3:]))
+    tokenizer = toy.build_tokenizer()
+    counts = rollout.prompt_token_counts(tokenizer, [data.math_prompt(p) for p in problems])
+    cap = max(counts[:4])
+    assert min(counts[4:]) > cap
+    logged = []
+    args = tiny_args(tiny_model_dir, tmp_path / "run", "--dataset", str(train_file), "--eval_benchmark", "math500",
+                     "--eval_data_file", str(eval_file), "--eval_limit", "3", "--generation_batch_size", "8",
+                     "--max_prompt_tokens", str(cap))
+    config = train.parse_config(args)
+    s = train.setup(config, log=logged.append)
+    assert sorted(r["prompt"] for r in s.records) == sorted(data.math_prompt(p) for p in problems[:4])
+    assert f"--max_prompt_tokens {cap}: dropped 2 of 6 training prompts longer than that (longest {max(counts)} tokens)" in logged
+    longest = max(counts[4:])
+    batch = train.long_prompt_batch_size(8, cap, longest, 6)
+    assert batch == 8 * (cap + 6) // (longest + 6) and 1 <= batch < 8
+    assert f"--max_prompt_tokens {cap}: 2 of 3 math500 prompts are longer (longest {longest} tokens); all are graded, " \
+           f"those in generation batches of {batch}" in logged
+    calls, real_evaluate = [], train.evaluate
+
+    def spy(model, tokenizer, records, k, sampling, *args, **kwargs):
+        calls.append((len(records), sampling.batch_size))
+        return real_evaluate(model, tokenizer, records, k, sampling, *args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", spy)
+    assert train.held_out_eval(s, config, 0, log=logged.append)["eval/n"] == 3                # every problem graded
+    assert calls == [(1, 8), (2, batch)]
+    with pytest.raises(SystemExit) as exit_info:                                   # nothing left to train on
+        train.main(tiny_args(tiny_model_dir, tmp_path / "none", "--dataset", str(train_file), "--max_prompt_tokens", "3"))
+    assert f"every training prompt is longer than --max_prompt_tokens 3 (the shortest has {min(counts)} tokens)" \
+        in str(exit_info.value.code)
+    assert train.parse_config([]).max_prompt_tokens == 64 and train.parse_config(["--model", "Qwen/Qwen3-1.7B"]).max_prompt_tokens == 512
 
 
 def test_mini_batches_are_exactly_as_many_as_asked_and_lr_is_this_steps(tiny_model_dir, tmp_path):
@@ -2431,6 +2566,61 @@ def test_rewards_rouge_long_inputs_are_capped():
     assert 0.0 <= score <= 1.0
 
 
+def _lcs_by_table(a: list, b: list) -> int:
+    """The textbook O(n·m) dynamic programme, independent of both implementations under test."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def test_rewards_lcs_length_equals_the_table():
+    assert rewards.lcs_length(list("ABCBDAB"), list("BDCABA")) == 4     # CLRS's example: "BCBA"
+    assert rewards.lcs_length(list("ABCBDAB"), []) == 0
+    rng = random.Random(0)
+    for _ in range(2_000):
+        # small alphabets make long, ambiguous common subsequences; lengths cross the 64-bit word boundary
+        alphabet = "abcdefghij"[: rng.randint(1, 10)]
+        a = [rng.choice(alphabet) for _ in range(rng.randint(0, 150))]
+        b = [rng.choice(alphabet) for _ in range(rng.randint(0, 150))]
+        assert rewards.lcs_length(a, b) == rewards.lcs_length(b, a) == _lcs_by_table(a, b), (a, b)
+
+
+def test_rewards_rouge_equals_rouge_score_exactly():
+    """The fast ROUGE-L is rouge-score's F-measure on the same tokens, to the last bit: random texts over a small
+    math vocabulary (short and over the token cap) and the fixtures' worked solutions against each other."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=rewards._MathTokenizer())
+    rng = random.Random(1)
+    vocabulary = ["x", "y", "=", "+", "-", "2", "10", "(", ")", "\\frac", "{", "}", "so", "the", "is", "^"]
+    pairs = [(" ".join(rng.choice(vocabulary[: rng.randint(2, 16)]) for _ in range(rng.randint(0, 120))),
+              " ".join(rng.choice(vocabulary) for _ in range(rng.randint(0, 120)))) for _ in range(3_000)]
+    pairs += [(" ".join(rng.choice(vocabulary) for _ in range(rng.randint(900, 1_300))),
+               " ".join(rng.choice(vocabulary) for _ in range(rng.randint(300, 1_300)))) for _ in range(8)]
+    solutions = [json.loads(line)["solution"] for name in ("math_train.jsonl", "math500.jsonl")
+                 for line in open(os.path.join(FIXTURES, name))]
+    pairs += [(a, b) for a in solutions for b in solutions]
+    for completion, reference in pairs:
+        expected = scorer.score(reference, completion)["rougeL"].fmeasure if completion.strip() and reference.strip() else 0.0
+        assert rouge_l_reward(completion, reference) == expected, (completion, reference)
+
+
+def test_rewards_rouge_does_not_use_the_quadratic_table(monkeypatch):
+    """ROUGE-L of a 1,000-token completion is ~0.1 s through rouge-score's O(n·m) table (30 s a step for 256
+    completions): the reward must not call it."""
+    from rouge_score import rouge_scorer
+
+    def table(*args):
+        raise AssertionError("rouge-score's O(n·m) LCS table was used")
+
+    monkeypatch.setattr(rouge_scorer, "_lcs_table", table)
+    text = "x + y = z, so z - x = y. " * 100
+    assert 0.0 < rouge_l_reward(text, text[::-1]) < 1.0     # the autouse fixture: no catch-all fired either
+
+
 # ---- the reward ---------------------------------------------------------------------------------------------
 def test_rewards_reward_combines_accuracy_and_rouge():
     completion, reference = r"so 1 + 1 = 2, \boxed{2}", r"1 + 1 = 2, so \boxed{2}"
@@ -2452,6 +2642,71 @@ def test_rewards_reward_tasks_and_batch():
     outs = score_completions([r"\boxed{1}", r"\boxed{2}"], ["1", "1"], [None, "x"], rouge_weight=0.5)
     assert [o["accuracy"] for o in outs] == [1.0, 0.0]
     assert outs[0]["rouge"] == 0.0
+
+
+def _grading_batch(n: int):
+    """n completions with answers, references and tasks: right and wrong answers, ROUGE, multiple choice."""
+    rng = random.Random(0)
+    completions, answers, references, tasks = [], [], [], []
+    for i in range(n):
+        if i % 5 == 4:
+            completions.append(f"The answer is ({'ABCD'[i % 4]}).")
+            answers.append("ABCD"[(i // 2) % 4]), references.append(None), tasks.append("multiple_choice")
+            continue
+        value = rng.randint(1, 30)
+        completions.append(rf"We get $x^2 = {value * value}$, so $x = \boxed{{{value + i % 2}}}$.")
+        answers.append(str(value)), references.append(rf"Since $x^2 = {value * value}$, $x = \boxed{{{value}}}$.")
+        tasks.append("math")
+    return completions, answers, references, tasks
+
+
+def test_score_completions_in_processes_equals_the_plain_loop():
+    completions, answers, references, tasks = _grading_batch(80)
+    plain = [reward(c, a, r, 0.1, t) for c, a, r, t in zip(completions, answers, references, tasks)]
+    assert score_completions(completions, answers, references, 0.1, tasks, workers=1) == plain
+    assert score_completions(completions, answers, references, 0.1, tasks, workers=2) == plain
+    for worker in rewards._process_pool(2)._pool:      # Ctrl-C reaches the workers too: they leave it to train.py
+        os.kill(worker.pid, signal.SIGINT)
+    start = time.monotonic()
+    assert score_completions(completions, answers, references, 0.1, tasks, workers=2) == plain
+    assert time.monotonic() - start < 10                # no chunk was lost to a dead worker (and its hard timeout)
+    assert 0 < sum(p["accuracy"] for p in plain) < 80 and all(p["rouge"] > 0 for p, t in zip(plain, tasks) if t == "math")
+    with pytest.raises(ValueError, match="unknown task 'poetry'"):
+        score_completions(completions, answers, references, 0.1, ["poetry"] * 80, workers=2)
+    with pytest.raises(ValueError, match="lengths differ"):
+        score_completions(completions, answers[:-1], workers=2)
+
+
+def test_score_completions_workers_keep_the_timeouts_and_count_errors(monkeypatch):
+    """A worker grades in its own main thread, so math-verify's SIGALRM timeouts are on there (in a thread they are
+    off); what its catch-alls catch is counted in this process; a stuck worker is cut off at HARD_TIMEOUT_S."""
+    rewards._close_pool()                        # the next pool is forked from this test's state
+    assert rewards._process_pool(2).apply(rewards._timeouts) == (rewards.PARSE_TIMEOUT_S, rewards.VERIFY_TIMEOUT_S)
+    rewards._close_pool()
+    monkeypatch.setattr(rewards, "_errors", 0)                  # restored afterwards: the autouse check stays exact
+    real_is_correct = rewards._is_correct
+
+    def broken_or_stuck(completion, answer):
+        if "stuck" in completion:
+            time.sleep(60)                      # what SIGALRM cannot interrupt (a C call) looks like this
+        if "bug" in completion:
+            raise RuntimeError("grader bug")
+        return real_is_correct(completion, answer)
+
+    monkeypatch.setattr(rewards, "_is_correct", broken_or_stuck)
+    monkeypatch.setattr(rewards, "HARD_TIMEOUT_S", 0.1)       # per completion of a worker's share: 3.2 s here
+    completions = [r"\boxed{1}"] * 30 + ["bug"] * 3 + ["stuck"] + [r"\boxed{1}"] * 30
+    start = time.monotonic()
+    try:
+        scored = score_completions(completions, ["1"] * len(completions), workers=2)
+        assert rewards._pool is None                            # the stuck worker is gone with its pool
+    finally:
+        rewards._close_pool()                   # no worker of this test's patched graders outlives it
+    assert time.monotonic() - start < 15
+    accuracy = [s["accuracy"] for s in scored]
+    assert len(accuracy) == 64 and accuracy[30:34] == [0.0] * 4
+    # every completion of a chunk lost to the stuck worker counts as an error, and every bug: at least 4
+    assert rewards.grader_errors() >= 4 and sum(accuracy) >= 64 - rewards.grader_errors()
 
 
 # ===================================================================================================

@@ -41,11 +41,11 @@ from tqdm import tqdm
 import data
 import lambdapo
 import rewards
-from eval import OneLineErrorParser, evaluate, parse_bool
+from eval import OneLineErrorParser, evaluate, parse_bool, summarize
 from engine import make_engine, make_lora_engine
 from models import (ModelLoadError, adapters_disabled, add_lora, check_model_name, load_model,
                     parameter_counts, parse_target_modules, resolve_device, save_model)
-from rollout import SamplingConfig, generate, keep_groups, token_logprobs
+from rollout import SamplingConfig, generate, keep_groups, prompt_token_counts, token_logprobs
 
 
 # ===================================================================================================
@@ -89,6 +89,8 @@ class Config:
     beta: float = option(0.0, "k3 KL penalty weight to the initial policy; > 0 loads a frozen reference copy")
     aggregation: str = option("token-mean", "loss aggregation: token-mean (DAPO) | seq-mean (GRPO) | fixed-length (Dr. GRPO)")
     rouge_weight: float = option(0.1, "α in r = accuracy + α·ROUGE-L-F(completion, reference solution); 0 disables")
+    reward_workers: int = option(None, "processes that grade a step's completions (rewards.score_completions; "
+                                       "preset: 1 toy, whose completions grade in microseconds; 0 LLM = every core)")
     mask_truncated: bool = option(False, "drop completions cut off by max_new_tokens from the loss (DAPO's overlong filter)")
     tis_cap: float = option(0.0, "truncated importance sampling: weight each token's policy-gradient term by "
                                  "min(π_old / π_sampler, C) with C = this cap, for the gap between the fast engine's "
@@ -102,8 +104,15 @@ class Config:
     max_generation_rounds: int = option(3, "with --dynamic_sampling: rounds of sampling per step at most")
     prompts_per_step: int = option(None, "prompts per step (preset: 16 toy, 32 LLM)")
     max_new_tokens: int = option(None, "completion budget in tokens (preset: 48 toy, 64 toy_hard, 1024 LLM)")
+    max_prompt_tokens: int = option(None, "training prompts longer than this many tokens (chat template included) "
+                                          "are dropped when the data loads, and counted (truncating a problem "
+                                          "would make it unsolvable); evaluation grades every problem, the longer "
+                                          "ones in smaller batches; the fast engine's prompt buckets stop here "
+                                          "(preset: 64 toy, whose prompts are ≤ 12; 512 LLM, as TRL)")
     temperature: float = option(1.0, "sampling temperature; log-probs use the same temperature")
-    top_p: float = option(1.0, "nucleus sampling; 1.0 samples the full distribution")
+    top_p: float = option(1.0, "nucleus sampling; 1.0 samples the full distribution. Below 1 the policy trained is "
+                               "the renormalised nucleus that samples: π_old, π_θ, π_ref and the sampler's "
+                               "log-probs are all taken under it, so the PPO ratio and TIS compare what sampled")
     enable_thinking: bool = option(False, "Qwen3 chat template's thinking mode (graded after </think>)")
     generation_batch_size: int = option(None, "sequences generated at once; the KV cache of one batch stays allocated "
                                               "(memory only; preset: 256 toy, 128 LLM: 21 GiB for Qwen3-1.7B at "
@@ -151,8 +160,9 @@ class Config:
 
 
 TOY_PRESET = dict(dataset="toy", prompts_per_step=16, max_new_tokens=48, num_steps=80, lr=5e-5, warmup_steps=10,
-                  mini_batches=4, micro_batch_size=None, gradient_checkpointing=False, eval_every=20,
-                  eval_benchmark="toy", eval_limit=200, save_every=20, generation_batch_size=256)
+                  max_prompt_tokens=64, mini_batches=4, micro_batch_size=None, gradient_checkpointing=False,
+                  eval_every=20, eval_benchmark="toy", eval_limit=200, save_every=20, generation_batch_size=256,
+                  reward_workers=1)
 PRESETS = {
     "toy": TOY_PRESET,
     # toy_hard (toy.py): every carry can be lost, 2–4 digits (longer solutions); learning takes ~10× the toy's
@@ -160,8 +170,9 @@ PRESETS = {
     "toy_hard": {**TOY_PRESET, "dataset": "toy_hard", "eval_benchmark": "toy_hard", "max_new_tokens": 64,
                  "num_steps": 200},
     "llm": dict(dataset="math", prompts_per_step=32, max_new_tokens=1024, num_steps=500, lr=1e-6, warmup_steps=10,
-                mini_batches=2, micro_batch_size=8, gradient_checkpointing=True, eval_every=50,
-                eval_benchmark="math500", eval_limit=100, save_every=50, generation_batch_size=128),
+                max_prompt_tokens=512, mini_batches=2, micro_batch_size=8, gradient_checkpointing=True, eval_every=50,
+                eval_benchmark="math500", eval_limit=100, save_every=50, generation_batch_size=128,
+                reward_workers=0),
 }
 # What changes with --lora_rank > 0. The learning rate: a rank-r update moves far fewer directions than full
 # fine-tuning, and the usual LoRA rate is about 10× the full one (tuned on the toy task: docs/lora.md).
@@ -237,13 +248,14 @@ RANGES = {
     "save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
     "keep_checkpoints": (lambda v: v >= 1, "at least 1"),
     "log_samples": (lambda v: v >= 0, ">= 0"),
+    "reward_workers": (lambda v: v >= 0, ">= 0 (0: every core, 1: grade in the training process)"),
     "seed": (lambda v: 0 <= v < 2 ** 63, "an integer >= 0"),
     "lora_rank": (lambda v: v >= 0, ">= 0 (0 = full fine-tuning)"),
     "lora_alpha": (lambda v: 0 <= v and finite(v), "a finite number > 0"),     # (0 is the preset without LoRA)
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     **{name: (lambda v: v >= 1, "at least 1") for name in ("prompts_per_step", "num_steps", "max_new_tokens",
-                                                           "generation_batch_size", "epochs", "mini_batches",
-                                                           "eval_limit", "eval_max_new_tokens")},
+                                                           "max_prompt_tokens", "generation_batch_size", "epochs",
+                                                           "mini_batches", "eval_limit", "eval_max_new_tokens")},
 }
 
 
@@ -378,6 +390,29 @@ def records_at(records: list[dict], start: int, count: int, seed: int) -> list[d
         random.Random(seed * 100_003 + epoch).shuffle(order)
         batch.append(records[order[index]])
     return batch
+
+
+def drop_overlong_prompts(records: list[dict], counts: list[int], max_prompt_tokens: int, what: str,
+                          log=tqdm.write) -> list[dict]:
+    """The training records whose prompt has at most `max_prompt_tokens` tokens (`counts[i]`: record i's), saying
+    how many were dropped, as verl's `filter_overlong_prompts` does. Truncating a math problem would make it
+    unsolvable; keeping it would widen its whole generation batch (one 1,666-token MATH prompt and the KV cache
+    of 128 rows grows from 1,536 to 2,690+ slots)."""
+    kept = [record for record, count in zip(records, counts) if count <= max_prompt_tokens]
+    if len(kept) < len(records):
+        log(f"--max_prompt_tokens {max_prompt_tokens}: dropped {len(records) - len(kept)} of {len(records)} {what} "
+            f"prompts longer than that (longest {max(counts)} tokens)")
+    if not kept:
+        raise ConfigError(f"every {what} prompt is longer than --max_prompt_tokens {max_prompt_tokens} (the shortest "
+                          f"has {min(counts)} tokens): raise it")
+    return kept
+
+
+def long_prompt_batch_size(batch_size: int, max_prompt_tokens: int, longest: int, max_new_tokens: int) -> int:
+    """Generation batch for prompts over the cap: the same number of KV-cache slots as a batch at the cap,
+    batch · (cap + T) ≥ rows · (longest + T), so evaluating every problem cannot run out of memory where
+    training fits."""
+    return max(1, batch_size * (max_prompt_tokens + max_new_tokens) // (longest + max_new_tokens))
 
 
 def learning_rate_factor(step: int, warmup_steps: int) -> float:
@@ -522,11 +557,11 @@ def sample(s: "Setup", batch: list[dict], group_size: int):
 
 
 def grade(config: Config, batch: list[dict], completions: list[str]) -> list[dict]:
-    """rewards.reward of every completion against its own record (row b belongs to record b // G)."""
-    G = config.group_size
-    return [rewards.reward(completion, batch[row // G]["answer"], batch[row // G].get("solution"),
-                           config.rouge_weight, batch[row // G].get("task", "math"))
-            for row, completion in enumerate(completions)]
+    """rewards.reward of every completion against its own record (row b belongs to record b // G), graded
+    across --reward_workers processes (rewards.score_completions)."""
+    of_row = [batch[row // config.group_size] for row in range(len(completions))]
+    return rewards.score_completions(completions, [r["answer"] for r in of_row], [r.get("solution") for r in of_row],
+                                     config.rouge_weight, [r.get("task", "math") for r in of_row], config.reward_workers)
 
 
 def dynamic_sampling(s: "Setup", config: Config, batch: list[dict], rollout, scored: list[dict],
@@ -676,6 +711,7 @@ class Setup:
     tracker: Tracker                          # metrics.jsonl (+ --report_to)
     prompt_position: int = 0                  # prompts read so far in the seeded order (records_at)
     run_peak_gib: float = 0.0                 # the highest per-step GPU memory peak so far
+    eval_prompt_tokens: list[int] = field(default_factory=list)   # tokens of each eval record's prompt
 
     def autocast(self):
         return torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
@@ -751,9 +787,11 @@ def setup(config: Config, log=tqdm.write) -> Setup:
         save_model(out_dir / "initial", policy, tokenizer)
 
     # None: model.generate (with LoRA through peft, adapter-aware); LoRA's fast engine samples from a merged copy
-    engine = (make_lora_engine if lora else make_engine)(config.rollout_engine, policy, compile=config.compile_rollout)
+    engine = (make_lora_engine if lora else make_engine)(config.rollout_engine, policy, compile=config.compile_rollout,
+                                                         max_prompt_tokens=config.max_prompt_tokens)
     params, trainable_params = parameter_counts(policy)
-    estimate = memory_estimate_gib(policy, config, reference is not None, device.type == "cuda", engine is not None)
+    estimate = memory_estimate_gib(policy, config, reference is not None, device.type == "cuda", engine is not None,
+                                   prompt_tokens=config.max_prompt_tokens)   # the widest prompt bucket
     log(f"Policy: {config.model} on {device}" + (f", LoRA rank {config.lora_rank}: {trainable_params:,} of {params:,} "
         f"parameters trainable ({100 * trainable_params / params:.2f}%)" if lora else "") + "; memory estimate (GiB): "
         f"{estimate}")
@@ -763,6 +801,18 @@ def setup(config: Config, log=tqdm.write) -> Setup:
             "--generation_batch_size or --micro_batch_size (docs/real-run.md, Memory)")
     template_kwargs = {"enable_thinking": config.enable_thinking} if "qwen3" in config.model.lower() or \
         "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "") else {}
+    # Prompt lengths as the model reads them (chat template included). Over-long training prompts go now;
+    # every evaluation problem is kept (a benchmark's accuracy is over all of it), the long ones generated in
+    # smaller batches (held_out_eval).
+    records = drop_overlong_prompts(records, prompt_token_counts(tokenizer, [r["prompt"] for r in records],
+                                    chat_template_kwargs=template_kwargs), config.max_prompt_tokens, "training", log)
+    eval_prompt_tokens = prompt_token_counts(tokenizer, [r["prompt"] for r in eval_records],
+                                             chat_template_kwargs=template_kwargs) if eval_records else []
+    over = [count for count in eval_prompt_tokens if count > config.max_prompt_tokens]
+    if over:
+        log(f"--max_prompt_tokens {config.max_prompt_tokens}: {len(over)} of {len(eval_records)} "
+            f"{config.eval_benchmark} prompts are longer (longest {max(over)} tokens); all are graded, those in "
+            f"generation batches of {long_prompt_batch_size(config.generation_batch_size, config.max_prompt_tokens, max(over), config.eval_max_new_tokens)}")
     return Setup(out_dir=out_dir, device=device, autocast_dtype=autocast_dtype, records=records,
                  eval_records=eval_records, policy=policy, tokenizer=tokenizer, reference=reference,
                  optimizer=optimizer, scheduler=scheduler, generator=generator, engine=engine,
@@ -771,15 +821,25 @@ def setup(config: Config, log=tqdm.write) -> Setup:
                  eval_sampling=SamplingConfig(do_sample=False, max_new_tokens=config.eval_max_new_tokens,
                                               batch_size=config.generation_batch_size),
                  template_kwargs=template_kwargs, start_step=start_step, prompt_position=prompt_position,
-                 tracker=Tracker(config, out_dir, start_step))
+                 eval_prompt_tokens=eval_prompt_tokens, tracker=Tracker(config, out_dir, start_step))
 
 
 def held_out_eval(s: Setup, config: Config, step: int, log=tqdm.write) -> dict:
     """Greedy accuracy on the held-out benchmark, as eval/* metrics ({} without a benchmark)."""
     if not s.eval_records:
         return {}
-    summary, _ = evaluate(s.policy, s.tokenizer, s.eval_records, 1, s.eval_sampling, s.template_kwargs,
-                          s.autocast_dtype, engine=s.engine)
+    cap = config.max_prompt_tokens
+    within = [r for r, count in zip(s.eval_records, s.eval_prompt_tokens) if count <= cap]
+    over = [r for r, count in zip(s.eval_records, s.eval_prompt_tokens) if count > cap]
+    results = []
+    for records in (within, over):              # prompts over the cap in batches of as many KV-cache slots
+        if records:
+            sampling = s.eval_sampling if records is within else dataclasses.replace(
+                s.eval_sampling, batch_size=long_prompt_batch_size(s.eval_sampling.batch_size, cap,
+                                                                   max(s.eval_prompt_tokens), s.eval_sampling.max_new_tokens))
+            results += evaluate(s.policy, s.tokenizer, records, 1, sampling, s.template_kwargs, s.autocast_dtype,
+                                engine=s.engine)[1]
+    summary = summarize(results, 1)
     log(f"step {step}: {config.eval_benchmark} held-out accuracy {summary['accuracy']:.3f} (n={summary['n']}, greedy)")
     return {"eval/accuracy": summary["accuracy"], "eval/n": summary["n"],
             "eval/mean_completion_tokens": summary["mean_completion_tokens"]}
@@ -939,11 +999,12 @@ def train(config: Config) -> dict:
                 completion_mask = rollout.completion_mask                                 # (B, T)
                 with torch.no_grad(), s.autocast():
                     old_logps, entropy = token_logprobs(policy, input_ids, attention_mask, completion_mask,
-                                                        config.temperature, config.micro_batch_size, return_entropy=True)
+                                                        config.temperature, config.micro_batch_size, return_entropy=True,
+                                                        top_p=config.top_p)
                     with adapters_disabled(s.reference):              # LoRA: π_ref is the base, adapters off
                         ref_logps = None if s.reference is None else token_logprobs(
                             s.reference, input_ids, attention_mask, completion_mask, config.temperature,
-                            config.micro_batch_size)
+                            config.micro_batch_size, top_p=config.top_p)
                 seq_logps = lambdapo.sequence_scores(old_logps, completion_mask, config.seq_logp).view(-1, G)  # ℓ (num_prompts, G)
                 tau = lambdapo.relative_tau(seq_logps, config.tau) if config.relative_tau else config.tau
                 advantages = lambdapo.compute_advantages(config.algo, reward_values, seq_logps, tau,
@@ -976,7 +1037,7 @@ def train(config: Config) -> dict:
                         for micro in mini_batch.split(config.micro_batch_size or B):
                             with s.autocast():
                                 logps = token_logprobs(policy, input_ids[micro], attention_mask[micro],
-                                                       completion_mask[micro], config.temperature)
+                                                       completion_mask[micro], config.temperature, top_p=config.top_p)
                             scaled_loss, scale, stats = micro_batch_loss(
                                 config, logps, old_logps[micro], advantages[micro], loss_mask[micro], full_mask,
                                 ref_logps[micro] if ref_logps is not None else None,
