@@ -1534,6 +1534,25 @@ def test_qwen3_style_template_passes_enable_thinking():
     assert direct == "<|user|>1+1=<|assistant|><think>\n\n</think>\n\n"
 
 
+def test_thinking_switch_follows_the_chat_template_not_the_model_name(tiny_model_dir, tmp_path, capsys):
+    import eval as evaluation
+    import train
+    qwen3_style, other = toy.build_tokenizer(), toy.build_tokenizer()
+    qwen3_style.chat_template = "{% if enable_thinking is defined and enable_thinking is false %}x{% endif %}"
+    other.chat_template = "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}"   # SmolLM2-like
+    assert rollout.thinking_kwargs(qwen3_style, False) == {"enable_thinking": False}
+    assert rollout.thinking_kwargs(qwen3_style, True) == {"enable_thinking": True}
+    assert rollout.thinking_kwargs(qwen3_style, None) == {}          # the template's own default
+    assert rollout.thinking_kwargs(other, False) == rollout.thinking_kwargs(other, None) == {}
+    with pytest.raises(ValueError, match="has no thinking mode"):
+        rollout.thinking_kwargs(other, True, "SmolLM2")
+    # asking a model without the switch to think is refused in one line, not silently ignored
+    with pytest.raises(SystemExit, match="--enable_thinking true: the chat template of .* has no thinking mode"):
+        train.main(tiny_args(tiny_model_dir, tmp_path / "run", "--enable_thinking", "true"))
+    with pytest.raises(SystemExit, match="has no thinking mode"):
+        evaluation.main(["--model", tiny_model_dir, "--benchmark", "toy", "--limit", "1", "--enable_thinking", "true"])
+
+
 # ===================================================================================================
 # 7. Rewards (rewards.py): extraction, equivalence, multiple choice, ROUGE-L, hostile input
 # ===================================================================================================

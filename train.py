@@ -43,7 +43,7 @@ from eval import OneLineErrorParser, evaluate, parse_bool
 from engine import make_engine, make_lora_engine
 from models import (ModelLoadError, adapters_disabled, add_lora, check_model_name, load_model,
                     parameter_counts, parse_target_modules, resolve_device, save_model)
-from rollout import SamplingConfig, generate, token_logprobs
+from rollout import SamplingConfig, generate, thinking_kwargs, token_logprobs
 
 
 # ===================================================================================================
@@ -519,6 +519,11 @@ def setup(config: Config, log=tqdm.write) -> Setup:
     else:
         policy, tokenizer = load_model(str(checkpoint) if checkpoint else config.model, device, torch.float32,
                                        config.trust_remote_code, log=log)
+    # the template's thinking switch (Qwen3's enable_thinking), checked before initial/ is written
+    try:
+        template_kwargs = thinking_kwargs(tokenizer, config.enable_thinking, config.model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if config.gradient_checkpointing:
         enable_checkpointing(policy)
     reference = None
@@ -552,8 +557,6 @@ def setup(config: Config, log=tqdm.write) -> Setup:
     log(f"Policy: {config.model} on {device}" + (f", LoRA rank {config.lora_rank}: {trainable_params:,} of {params:,} "
         f"parameters trainable ({100 * trainable_params / params:.2f}%)" if lora else "") + "; memory estimate (GiB): "
         f"{memory_estimate_gib(policy, config, reference is not None, device.type == 'cuda', engine is not None)}")
-    template_kwargs = {"enable_thinking": config.enable_thinking} if "qwen3" in config.model.lower() or \
-        "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "") else {}
     return Setup(out_dir=out_dir, device=device, autocast_dtype=autocast_dtype, records=records,
                  eval_records=eval_records, policy=policy, tokenizer=tokenizer, reference=reference,
                  optimizer=optimizer, scheduler=scheduler, generator=generator, engine=engine,
