@@ -2,7 +2,7 @@
 
     python bench.py --shape tiny                     # CPU, seconds (CI runs it)
     python bench.py --shape qwen3-1.7b               # GPU: Qwen3-1.7B's exact config, random weights
-    python bench.py --model runs/demo/final          # any save_pretrained folder
+    python bench.py --model runs/demo/final          # any save_pretrained folder (or a FILE.gguf)
     python bench.py --shape qwen3-1.7b --save DIR --tokenizer TOK
                                                      # write that random-weight model (bf16) with the tokenizer
                                                      # folder TOK (else the toy one), for `train.py --model DIR`
@@ -113,7 +113,8 @@ def engine_checks(model, generation_model, engine, prompts, prompt_mask, T) -> d
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES], help="built-in model shape (random weights)")
-    parser.add_argument("--model", default=None, help="measure this save_pretrained folder instead of a built-in shape")
+    parser.add_argument("--model", default=None, help="measure this save_pretrained folder (or FILE.gguf, "
+                        "dequantized to float32) instead of a built-in shape")
     parser.add_argument("--num_sequences", type=int, default=None, help="completions per rollout (default 64 GPU, 16 CPU)")
     parser.add_argument("--prompt_len", type=int, default=None, help="prompt tokens (default 256 GPU, 16 CPU)")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="completion tokens (default 512 GPU, 32 CPU)")
@@ -137,7 +138,10 @@ def main(argv=None):
     B = args.num_sequences or (64 if on_gpu else 16)
     P = args.prompt_len or (256 if on_gpu else 16)
     T = args.max_new_tokens or (512 if on_gpu else 32)
-    model, tokenizer, label = build(args.shape, args.model, device, args.tokenizer)
+    try:
+        model, tokenizer, label = build(args.shape, args.model, device, args.tokenizer)
+    except models.ModelLoadError as error:
+        sys.exit(f"bench.py: error: {error}")
     if args.save:
         # The model's own EOS ids (Qwen3: <|im_end|> ends a chat turn) plus the tokenizer's.
         eos = {tokenizer.eos_token_id, *([model.config.eos_token_id] if args.tokenizer else [])} - {None}

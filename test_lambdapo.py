@@ -801,6 +801,27 @@ def test_bad_input_gives_one_line_error(tiny_model_dir, tmp_path, capsys, extra,
     assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
 
 
+def test_gguf_file_errors_are_one_line_in_train_eval_and_bench(tiny_model_dir, tmp_path, monkeypatch):
+    import bench
+    import eval as evaluation
+    import train
+    import transformers.utils
+    fake = tmp_path / "model.Q4_1.gguf"
+    fake.write_bytes(b"GGUF")                  # exists; its content is never reached without the package
+    monkeypatch.setattr(transformers.utils, "is_gguf_available", lambda *args: False)   # gguf not installed
+    for main, argv in [(train.main, tiny_args(tiny_model_dir, tmp_path / "run", "--model", str(fake))),
+                       (evaluation.main, ["--model", str(fake), "--benchmark", "toy", "--limit", "1"]),
+                       (bench.main, ["--model", str(fake)])]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        message = str(exit_info.value.code)
+        assert "needs the gguf package (pip install 'gguf>=" in message and "\n" not in message, message
+    with pytest.raises(SystemExit, match="GGUF file not found: .*missing.gguf"):
+        train.main(tiny_args(tiny_model_dir, tmp_path / "run", "--model", str(tmp_path / "missing.gguf")))
+    with pytest.raises(SystemExit, match="GGUF file not found"):
+        bench.main(["--model", "missing.gguf"])
+
+
 def test_unknown_algo_is_a_one_line_error(capsys):
     import train
     with pytest.raises(SystemExit) as exit_info:
