@@ -197,3 +197,22 @@ def test_eval_and_bench_take_a_gguf_file(tiny_gguf, tmp_path, capsys):
     bench.main(["--model", str(path), "--num_sequences", "2", "--prompt_len", "4", "--max_new_tokens", "3"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["model"] == str(path) and result["parameters"] == sum(w.size for w in tiny_gguf[1].values())
+
+
+def test_pad_equal_to_eos_inside_a_chat_prompt_stays_attended(tiny_gguf):
+    """The template writes <|im_end|> (= EOS = pad) after its default system prompt and after the user turn:
+    those prompt tokens are real and attended; only the left padding is masked; masks never come from pad ids."""
+    import rollout
+    path, _ = tiny_gguf
+    model, tokenizer = models.load_model(str(path))
+    sampling = rollout.SamplingConfig(temperature=1.0, max_new_tokens=3)
+    torch.manual_seed(0)
+    out = rollout.generate(model, tokenizer, ["1+1?", "a longer question"], 2, sampling)
+    pad = tokenizer.pad_token_id
+    assert pad == tokenizer.eos_token_id == 2
+    for ids, mask in zip(out.prompt_ids.tolist(), out.prompt_mask.tolist()):
+        width = sum(mask)
+        assert mask == [0] * (len(mask) - width) + [1] * width                 # left padding only
+        assert ids[len(ids) - width:].count(pad) == 2                          # system and user turns end in EOS
+    assert rollout.eos_token_ids(model, tokenizer) == [2]                     # from the file's metadata
+    assert out.completion_mask.shape == out.completion_ids.shape and out.completion_mask[:, 0].all()
