@@ -103,6 +103,9 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = dtype
+    # No source folder: the GGUF's folder has no config.json, and peft, seeing one named, would look for it on
+    # each adapter save ("Could not find a config file ..."). A run's base is its initial/ folder anyway.
+    config._name_or_path = ""
     with torch.device("meta"):                     # no random initialisation: every tensor is taken from `loaded`
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False, assign=True)

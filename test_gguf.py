@@ -169,6 +169,8 @@ def tiny_train_args(model, out_dir, *extra):
             "--micro_batch_size", "4", "--gradient_checkpointing", "false", "--plot", "false", *extra]
 
 
+# peft looks for the base's config.json on every adapter save and warns when the named folder has none
+@pytest.mark.filterwarnings("error:Could not find a config file")
 @pytest.mark.parametrize("extra", [[], ["--lora_rank", "2", "--beta", "0.1"]], ids=["full", "lora_beta"])
 def test_train_from_a_gguf_file_writes_plain_folders_and_resumes(tiny_gguf, tmp_path, extra):
     import train
