@@ -2,7 +2,7 @@
 
     python bench.py --shape tiny                     # CPU, seconds (CI runs it)
     python bench.py --shape qwen3-1.7b               # GPU: Qwen3-1.7B's exact config, random weights
-    python bench.py --model runs/demo/final          # any save_pretrained folder
+    python bench.py --model runs/demo/final          # any save_pretrained folder (or a FILE.gguf)
     python bench.py --shape qwen3-1.7b --save DIR --tokenizer TOK
                                                      # write that random-weight model (bf16) with the tokenizer
                                                      # folder TOK (else the toy one), for `train.py --model DIR`
@@ -180,7 +180,8 @@ def memory_estimate(model, args, B: int, P: int, T: int, on_gpu: bool) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES], help="built-in model shape (random weights)")
-    parser.add_argument("--model", default=None, help="measure this save_pretrained folder instead of a built-in shape")
+    parser.add_argument("--model", default=None, help="measure this save_pretrained folder (or FILE.gguf, "
+                        "dequantized to float32) instead of a built-in shape")
     parser.add_argument("--workload", default="small", choices=list(WORKLOADS),
                         help="rows × prompt + new tokens: small (64 × 256 + 512 GPU, 16 × 16 + 32 CPU) or preset "
                              "(train.py's LLM preset, 128 × 512 + 1,024; GPU-sized)")
@@ -217,7 +218,10 @@ def main(argv=None):
                   "torch": torch.__version__, **attention_step_ms(shape, B, P, T, device)}
         print(json.dumps(result))
         return result
-    model, tokenizer, label = build(args.shape, args.model, device, args.tokenizer)
+    try:
+        model, tokenizer, label = build(args.shape, args.model, device, args.tokenizer)
+    except models.ModelLoadError as error:
+        sys.exit(f"bench.py: error: {error}")
     if args.save:
         # The model's own EOS ids (Qwen3: <|im_end|> ends a chat turn) plus the tokenizer's.
         eos = {tokenizer.eos_token_id, *([model.config.eos_token_id] if args.tokenizer else [])} - {None}

@@ -30,7 +30,7 @@ import data
 import rewards
 from models import ModelLoadError, check_model_name, load_model, resolve_device
 from engine import make_engine
-from rollout import SamplingConfig, generate
+from rollout import SamplingConfig, generate, thinking_kwargs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,7 +377,10 @@ def main(argv=None):
     sampling = SamplingConfig(temperature=temperature, top_p=defaults["top_p"] if args.top_p is None else args.top_p,
                               max_new_tokens=args.max_new_tokens or budget or toy_budget(args.benchmark),
                               do_sample=temperature > 0, batch_size=args.batch_size)
-    chat_template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    try:                                                    # Qwen3's switch; an error for a template without one
+        chat_template_kwargs = thinking_kwargs(tokenizer, enable_thinking, args.model)
+    except ValueError as error:
+        sys.exit(f"eval.py: error: {error}")
     settings = {"temperature": sampling.temperature, "top_p": sampling.top_p,
                 "max_new_tokens": sampling.max_new_tokens, "greedy": sampling.greedy,
                 "enable_thinking": enable_thinking, "seed": args.seed, "limit": args.limit,

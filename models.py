@@ -3,10 +3,16 @@
 train.py, eval.py and bench.py (and the TRL launcher) load every model through this file, so "toy", a local
 folder and a Hub name mean the same thing everywhere and fail with the same one-line message.
 
-    load_model(name, device, dtype, trust_remote_code, log)  -> (model, tokenizer)    toy | folder | Hub name
+    load_model(name, device, dtype, trust_remote_code, log)  -> (model, tokenizer)    toy | folder | FILE.gguf | Hub name
     add_lora(model, rank, alpha, dropout, target_modules, seed, adapter_dir=None) -> peft.PeftModel
     save_model(path, model, tokenizer)                       a plain save_pretrained folder (LoRA merged in)
     merged_copy(peft_model)                                  the plain model W + (α / r) B A (engine.py samples from it)
+
+A GGUF file (`--model FILE.gguf`, the llama.cpp format many small models are published in) is read through
+transformers' GGUF support, which needs the optional `gguf` package: every tensor is dequantized to float32,
+the tokenizer and chat template come from the file's metadata, and the model is then an ordinary float32
+transformers model (load_gguf says why a copy is needed), so training, checkpoints, `initial/` and `final/`
+are the same as for a folder.
 
 LoRA (Hu et al. 2021, arXiv 2106.09685) through `peft`, the library TRL users already know: each targeted
 linear layer W (out × in) gets a trainable low-rank update, y = W x + (α / r) · B (A x), A (r × in) random,
@@ -46,16 +52,74 @@ class ModelLoadError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 # Loading: "toy", a local save_pretrained folder, or a Hub name
 # ---------------------------------------------------------------------------------------------------
+def is_gguf(name: str) -> bool:
+    """A GGUF model file (llama.cpp's single-file format), named by its extension."""
+    return str(name).lower().endswith(".gguf")
+
+
 def is_local_path(name: str) -> bool:
-    """A Hub name is "owner/model" (or a bare legacy name); anything else is meant as a local folder."""
+    """A Hub name is "owner/model" (or a bare legacy name); anything else is meant as a local folder or file."""
     name = os.path.expanduser(name)
-    return os.path.exists(name) or name.startswith((".", "/")) or name.count("/") > 1
+    return os.path.exists(name) or name.startswith((".", "/")) or name.count("/") > 1 or is_gguf(name)
 
 
 def check_model_name(name: str) -> None:
-    """Fail at once (before any data or weights load) on a local model folder that does not exist."""
-    if name not in TOY_TASKS and is_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+    """Fail at once (before any data or weights load) on a local model folder or GGUF file that does not exist."""
+    if name in TOY_TASKS or not is_local_path(name):
+        return
+    path = os.path.expanduser(name)
+    if is_gguf(path):
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"GGUF file not found: {name}")
+        check_gguf_installed(name)
+    elif not os.path.isdir(path):
         raise ModelLoadError(f"model folder not found: {name}")
+
+
+def check_gguf_installed(name: str) -> None:
+    """The `gguf` package is optional (only GGUF files need it): without it, one line saying what to install."""
+    from transformers.utils import is_gguf_available
+    from transformers.utils.import_utils import GGUF_MIN_VERSION
+
+    if not is_gguf_available():
+        raise ModelLoadError(f"--model {name}: reading a GGUF file needs the gguf package "
+                             f"(pip install 'gguf>={GGUF_MIN_VERSION}')")
+
+
+def load_gguf(path: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a GGUF file: weights dequantized to float32, tokenizer and chat template from its metadata.
+
+    transformers dequantizes every tensor on load, but the model it returns still carries the GGUF
+    "quantizer", and save_pretrained refuses it ("quantized with gguf and is not serializable"): a run could not
+    write initial/, checkpoints or final/. The float32 weights are therefore moved into a fresh model of the
+    same architecture whose config has no quantization_config; it is then an ordinary model in every respect.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, file = os.path.split(os.path.abspath(path))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    # No source folder: the GGUF's folder has no config.json, and peft, seeing one named, would look for it on
+    # each adapter save ("Could not find a config file ..."). A run's base is its initial/ folder anyway.
+    config._name_or_path = ""
+    with torch.device("meta"):                     # no random initialisation: every tensor is taken from `loaded`
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False, assign=True)
+    model.tie_weights()                            # assign=True gave a tied head its own tensor: share it again
+    # non-persistent buffers (the rotary inv_freq) are in no state dict: take them as they are
+    for name, buffer in loaded.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buffer
+    still_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if still_meta or unexpected:
+        raise ModelLoadError(f"GGUF file {path}: its tensors do not fit a {type(model).__name__} "
+                             f"(missing {still_meta[:3]}, unexpected {list(unexpected)[:3]})")
+    model.generation_config = loaded.generation_config      # EOS / pad / BOS ids from the file's metadata
+    return model.to(dtype).eval(), tokenizer
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -77,20 +141,34 @@ def resolve_device(name: str | None) -> torch.device:
 
 def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                trust_remote_code: bool = False, log=print):
-    """(model, tokenizer) from "toy" (the cached warm-started tiny model), a local folder, or a Hub name.
+    """(model, tokenizer) from "toy" (the cached warm-started tiny model), a local folder, a GGUF file or a Hub name.
 
     Weights load in `dtype`: float32 for full fine-tuning (float32 master weights; bf16 autocast does the
     math), bf16 for a frozen LoRA base on CUDA or for evaluation on CUDA. `trust_remote_code` stays off
     unless the user asks: it runs Python shipped with the checkpoint.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if name in TOY_TASKS:                      # the tiny model warm-started on that built-in task's teacher
         import toy
         name = str(toy.warm_started_model_dir(log=log, task=name))
     name = os.path.expanduser(name)
     check_model_name(name)
     looks_local = is_local_path(name)
+    if is_gguf(name):
+        try:
+            model, tokenizer = load_gguf(name, dtype)
+        except (OSError, ValueError, KeyError) as error:     # not a GGUF, or an architecture transformers cannot read
+            raise ModelLoadError(f"could not load GGUF file '{name}': {str(error).splitlines()[0]}") from error
+    else:
+        model, tokenizer = load_pretrained(name, looks_local, dtype, trust_remote_code)
+    if tokenizer.pad_token_id is None:              # many base models ship without a pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def load_pretrained(name: str, looks_local: bool, dtype: torch.dtype, trust_remote_code: bool):
+    """(model, tokenizer) from a save_pretrained folder or a Hub name, with one-line errors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if looks_local and not any(os.path.exists(os.path.join(name, f)) for f in ("config.json", "adapter_config.json")):
         raise ModelLoadError(f"could not load local folder '{name}': it has no config.json (not a save_pretrained "
                              f"model folder; a training run's model is its final/ folder)")
@@ -100,9 +178,7 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     except (OSError, ValueError) as error:
         where = "local folder" if looks_local else "Hub model (no network? wrong name? gated?)"
         raise ModelLoadError(f"could not load {where} '{name}': {str(error).splitlines()[0]}") from error
-    if tokenizer.pad_token_id is None:              # many base models ship without a pad token
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------

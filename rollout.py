@@ -126,6 +126,20 @@ def format_prompts(tokenizer, prompts: list[str], system_prompt: str | None = No
     return formatted
 
 
+def thinking_kwargs(tokenizer, enable_thinking: bool | None, model_name: str = "the model") -> dict:
+    """The chat-template options for a thinking switch: {"enable_thinking": x} when the template has one, else {}.
+
+    Qwen3's template reads `enable_thinking`; most others (Llama, SmolLM2, Phi) have no thinking mode and
+    would silently ignore it, so asking one of them to think (True) is an error, not a no-op. The template
+    itself is asked, not the model's name: a Qwen3 GGUF file or a run's final/ folder carries it too.
+    """
+    has_switch = "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "")
+    if enable_thinking and not has_switch:
+        raise ValueError(f"--enable_thinking true: the chat template of {model_name} has no thinking mode "
+                         f"(no enable_thinking switch); leave it off")
+    return {"enable_thinking": bool(enable_thinking)} if has_switch and enable_thinking is not None else {}
+
+
 def tokenize_prompts(tokenizer, texts: list[str], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad formatted prompts: every completion then starts at the same column. (B, P) each.
 

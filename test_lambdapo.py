@@ -1057,6 +1057,27 @@ def test_bad_input_gives_one_line_error(tiny_model_dir, tmp_path, capsys, extra,
     assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
 
 
+def test_gguf_file_errors_are_one_line_in_train_eval_and_bench(tiny_model_dir, tmp_path, monkeypatch):
+    import bench
+    import eval as evaluation
+    import train
+    import transformers.utils
+    fake = tmp_path / "model.Q4_1.gguf"
+    fake.write_bytes(b"GGUF")                  # exists; its content is never reached without the package
+    monkeypatch.setattr(transformers.utils, "is_gguf_available", lambda *args: False)   # gguf not installed
+    for main, argv in [(train.main, tiny_args(tiny_model_dir, tmp_path / "run", "--model", str(fake))),
+                       (evaluation.main, ["--model", str(fake), "--benchmark", "toy", "--limit", "1"]),
+                       (bench.main, ["--model", str(fake)])]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        message = str(exit_info.value.code)
+        assert "needs the gguf package (pip install 'gguf>=" in message and "\n" not in message, message
+    with pytest.raises(SystemExit, match="GGUF file not found: .*missing.gguf"):
+        train.main(tiny_args(tiny_model_dir, tmp_path / "run", "--model", str(tmp_path / "missing.gguf")))
+    with pytest.raises(SystemExit, match="GGUF file not found"):
+        bench.main(["--model", "missing.gguf"])
+
+
 def test_unknown_algo_is_a_one_line_error(capsys):
     import train
     with pytest.raises(SystemExit) as exit_info:
@@ -2181,6 +2202,25 @@ def test_qwen3_style_template_passes_enable_thinking():
     direct = rollout.format_prompts(tokenizer, ["1+1="], chat_template_kwargs={"enable_thinking": False})[0]
     assert thinking == "<|user|>1+1=<|assistant|>"
     assert direct == "<|user|>1+1=<|assistant|><think>\n\n</think>\n\n"
+
+
+def test_thinking_switch_follows_the_chat_template_not_the_model_name(tiny_model_dir, tmp_path, capsys):
+    import eval as evaluation
+    import train
+    qwen3_style, other = toy.build_tokenizer(), toy.build_tokenizer()
+    qwen3_style.chat_template = "{% if enable_thinking is defined and enable_thinking is false %}x{% endif %}"
+    other.chat_template = "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}"   # SmolLM2-like
+    assert rollout.thinking_kwargs(qwen3_style, False) == {"enable_thinking": False}
+    assert rollout.thinking_kwargs(qwen3_style, True) == {"enable_thinking": True}
+    assert rollout.thinking_kwargs(qwen3_style, None) == {}          # the template's own default
+    assert rollout.thinking_kwargs(other, False) == rollout.thinking_kwargs(other, None) == {}
+    with pytest.raises(ValueError, match="has no thinking mode"):
+        rollout.thinking_kwargs(other, True, "SmolLM2")
+    # asking a model without the switch to think is refused in one line, not silently ignored
+    with pytest.raises(SystemExit, match="--enable_thinking true: the chat template of .* has no thinking mode"):
+        train.main(tiny_args(tiny_model_dir, tmp_path / "run", "--enable_thinking", "true"))
+    with pytest.raises(SystemExit, match="has no thinking mode"):
+        evaluation.main(["--model", tiny_model_dir, "--benchmark", "toy", "--limit", "1", "--enable_thinking", "true"])
 
 
 # ===================================================================================================

@@ -45,7 +45,7 @@ from eval import OneLineErrorParser, evaluate, parse_bool, summarize
 from engine import make_engine, make_lora_engine
 from models import (ModelLoadError, adapters_disabled, add_lora, check_model_name, load_model,
                     parameter_counts, parse_target_modules, resolve_device, save_model)
-from rollout import SamplingConfig, generate, keep_groups, prompt_token_counts, token_logprobs
+from rollout import SamplingConfig, generate, keep_groups, prompt_token_counts, thinking_kwargs, token_logprobs
 
 
 # ===================================================================================================
@@ -757,6 +757,11 @@ def setup(config: Config, log=tqdm.write) -> Setup:
     else:
         policy, tokenizer = load_model(str(checkpoint) if checkpoint else config.model, device, torch.float32,
                                        config.trust_remote_code, log=log)
+    # the template's thinking switch (Qwen3's enable_thinking), checked before initial/ is written
+    try:
+        template_kwargs = thinking_kwargs(tokenizer, config.enable_thinking, config.model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if config.gradient_checkpointing:
         enable_checkpointing(policy)
     reference = None
@@ -799,8 +804,6 @@ def setup(config: Config, log=tqdm.write) -> Setup:
         log(f"Warning: the estimated peak, {estimate['peak_gib']} GiB, exceeds this GPU's "
             f"{torch.cuda.get_device_properties(device).total_memory / 2 ** 30:.1f} GiB; lower it with --lora_rank, "
             "--generation_batch_size or --micro_batch_size (docs/real-run.md, Memory)")
-    template_kwargs = {"enable_thinking": config.enable_thinking} if "qwen3" in config.model.lower() or \
-        "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "") else {}
     # Prompt lengths as the model reads them (chat template included). Over-long training prompts go now;
     # every evaluation problem is kept (a benchmark's accuracy is over all of it), the long ones generated in
     # smaller batches (held_out_eval).
