@@ -69,7 +69,7 @@ WORKLOADS = {"small": {"cuda": (64, 256, 512), "cpu": (16, 16, 32)}, "preset": {
 
 def build(shape: str, model_path: str | None, device: torch.device, tokenizer_path: str | None = None):
     """(model in float32, tokenizer, label)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
     if model_path:
         model, tokenizer = models.load_model(model_path, device, torch.float32)
         return model, tokenizer, model_path

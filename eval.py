@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import data
 import rewards
-from models import ModelLoadError, check_model_name, load_model, resolve_device
+from models import check_model_name, load_model, resolve_device
 from engine import make_engine
 from rollout import SamplingConfig, generate, thinking_kwargs
 

@@ -85,7 +85,6 @@ metrics.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
