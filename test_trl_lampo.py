@@ -252,7 +252,7 @@ def test_documented_launch_command_parses_and_its_install_line_names_what_it_use
     assert "-r requirements-trl.txt" in install
     # --report_to tensorboard: tensorboard on the same line.
     assert args[args.index("--report_to") + 1] == "tensorboard" and " tensorboard" in install.split("]", 1)[1]
-    # The launcher's own parser takes every argument as written (plus --use_cpu: this machine has no GPU for
+    # The launcher's own parser takes every argument as written (plus --use_cpu: these tests run without a GPU, for
     # bf16); a flag that wants a value, such as --bf16, would stop it here.
     script_args, training_args, model_args = trl_lampo.make_parser().parse_args_and_config(args=args + ["--use_cpu"])
     assert training_args.lampo_tau == 1.0 and training_args.lampo_seq_logp == "mean" and training_args.use_vllm
