@@ -34,6 +34,11 @@ data order and initial weights, so seed-to-seed noise cancels):
 Writes summary.json, summary.md (tables to paste into a README) and curves.png (mean ± std bands).
 std is the sample standard deviation (n − 1; 0 for a single seed).
 
+`python compare.py --weights RUN_DIR [RUN_DIR ...]` recomputes the confidence weights' diagnostics from runs
+trained with `--log_rollouts` (their rollouts.jsonl), for ℓ averaged and summed, τ in nats and τ relative to
+the step's ℓ spread (`--relative_tau`), each over the early, middle and late thirds of training: what the
+weights would have done at other settings on the same rollouts (weights.json and weights.md in --out_dir).
+
 A study kept in the repository keeps each cell's compare.json, config.json and metrics.jsonl (a few hundred kB): re-running
 compare.py with the same runs and seeds on that folder runs nothing and recomputes every figure from them.
 """
@@ -131,6 +136,75 @@ def run_diagnostics(folder: Path) -> dict[str, float]:
         if values:
             means[name] = statistics.fmean(values)
     return means
+
+
+def rollout_steps(folder: Path) -> list[list[dict]]:
+    """A run's rollouts.jsonl (train.py --log_rollouts) as one list of completion rows per step, in step order."""
+    path = folder / "rollouts.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: train the run with --log_rollouts")
+    steps: dict[int, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            steps.setdefault(int(row["step"]), []).append(row)
+    return [steps[step] for step in sorted(steps)]
+
+
+def weight_grid(folders: list[Path], taus=(0.3, 1.0, 3.0), phases: int = 3) -> list[dict]:
+    """What the confidence weights would do at each setting, on the rollouts the runs actually sampled.
+
+    For ℓ ∈ {mean, sum} (the rows' seq_logp_mean / seq_logp_sum), each τ in `taus` in nats and each τ relative
+    to the step's ℓ spread (τ_eff = τ · spread, --relative_tau), every step's rewards and ℓ go through
+    lambdapo.lampo_diagnostics, as train.py computes them. Each run's steps are cut into `phases` consecutive
+    parts of (almost) equal size; a value is the mean over the steps of that part, pooled over the runs. As in
+    run_diagnostics, the pair statistics leave out steps without a pair of unequal rewards.
+    Returns rows {seq_logp, tau, relative, phase (1..phases), steps, tau_eff, lampo/...}.
+    """
+    import torch
+    import lambdapo
+    pooled: dict[tuple, list[dict]] = {}
+    for folder in folders:
+        steps = rollout_steps(Path(folder))
+        for index, rows in enumerate(steps):
+            phase = index * phases // len(steps) + 1
+            rewards = torch.tensor([row["reward"] for row in rows], dtype=torch.float64)            # (N,)
+            group_ids = torch.tensor([row["group"] for row in rows])                                 # (N,)
+            for ell in ("mean", "sum"):
+                seq_logps = torch.tensor([row[f"seq_logp_{ell}"] for row in rows], dtype=torch.float64)  # (N,)
+                for relative in (False, True):
+                    for tau in taus:
+                        tau_eff = (lambdapo.grouped_relative_tau(seq_logps, group_ids, tau=tau) if relative
+                                   else tau)
+                        values = lambdapo.lampo_diagnostics(rewards, seq_logps, tau_eff, group_ids=group_ids)
+                        values["tau_eff"] = tau_eff
+                        pooled.setdefault((ell, tau, relative, phase), []).append(values)
+    grid = []
+    for (ell, tau, relative, phase), steps in pooled.items():
+        weighed = [values for values in steps if values["lampo/weight_mean"] > 0]   # steps with a reward gap
+        row = {"seq_logp": ell, "tau": tau, "relative": relative, "phase": phase, "steps": len(steps),
+               "tau_eff": statistics.fmean(values["tau_eff"] for values in steps)}
+        for name in DIAGNOSTICS:
+            chosen = steps if name == "lampo/seq_logp_std" else weighed
+            row[name] = statistics.fmean(values[name] for values in chosen) if chosen else None
+        grid.append(row)
+    return sorted(grid, key=lambda row: (row["seq_logp"], row["relative"], row["tau"], row["phase"]))
+
+
+def weights_markdown(grid: list[dict]) -> str:
+    """weight_grid as one table: a row per setting, each cell the phases' values, early → late."""
+    names = ("lampo/seq_logp_std", "lampo/weight_std", "lampo/misordered_pairs", "lampo/corr_rloo")
+    lines = ["| ℓ | τ | τ_eff (nats) | ℓ spread | weight std | misordered pairs | corr. with RLOO |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    settings: dict[tuple, list[dict]] = {}
+    for row in grid:
+        settings.setdefault((row["seq_logp"], row["relative"], row["tau"]), []).append(row)
+    for (ell, relative, tau), rows in settings.items():
+        def phases(name, digits=3):
+            return " → ".join("—" if row[name] is None else f"{row[name]:.{digits}f}" for row in rows)
+        label = f"{tau:g} × spread" if relative else f"{tau:g}"
+        lines.append(f"| {ell} | {label} | {phases('tau_eff')} | " + " | ".join(phases(name) for name in names) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def sampling_cost(folder: Path) -> tuple[float, float | None] | None:
@@ -393,7 +467,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      epilog="Options after `--` are passed to every train.py run.")
-    parser.add_argument("--runs", nargs="+", required=True,
+    parser.add_argument("--runs", nargs="+",
                         help='run strings, each a set of train.py options, e.g. "lampo" is read as "--algo lampo" '
                              'when it does not start with "--"')
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every run string")
@@ -403,7 +477,28 @@ def main(argv=None):
     parser.add_argument("--baseline", default=None, metavar="RUN_STRING",
                         help="compare every other run string with this one, paired by seed (vs_baseline in "
                              "summary.json); it is run too if --runs does not name it")
+    parser.add_argument("--weights", nargs="+", default=None, metavar="RUN_DIR",
+                        help="instead of running a grid: recompute the weight diagnostics of these runs (trained "
+                             "with --log_rollouts) at every --weight_taus, ℓ mean and sum, absolute and relative")
+    parser.add_argument("--weight_taus", nargs="+", type=float, default=[0.3, 1.0, 3.0], help="τ values of --weights")
+    parser.add_argument("--phases", type=int, default=3, help="--weights: parts of training reported (early → late)")
     args = parser.parse_args(argv)
+    if args.weights is not None:
+        if args.phases < 1 or any(tau <= 0 for tau in args.weight_taus):
+            parser.error("--phases must be at least 1 and every --weight_taus positive")
+        try:
+            grid = weight_grid([Path(folder) for folder in args.weights], tuple(args.weight_taus), args.phases)
+        except FileNotFoundError as error:
+            parser.exit(2, f"compare.py: error: {error}\n")
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "weights.json").write_text(json.dumps({"runs": args.weights, "grid": grid}, indent=2) + "\n")
+        table = weights_markdown(grid)
+        (out_dir / "weights.md").write_text(table)
+        print(table)
+        return grid
+    if not args.runs:
+        parser.error("--runs is required (or --weights RUN_DIR ...)")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     if len(set(args.seeds)) != len(args.seeds):

@@ -1594,7 +1594,7 @@ def test_dynamic_sampling_resumes_exactly_and_is_reproducible(answers_world, tmp
     model_dir, _ = answers_world
     problems = sums_file(tmp_path / "sums.jsonl")
     extra = ("--dataset", problems, "--eval_benchmark", "none", "--rouge_weight", "0", "--dynamic_sampling",
-             "--prompts_per_step", "1", "--group_size", "4", "--save_every", "1")
+             "--prompts_per_step", "1", "--group_size", "4", "--save_every", "1", "--log_rollouts")
     straight, again, resumed = tmp_path / "straight", tmp_path / "again", tmp_path / "resumed"
     train.main(tiny_args(model_dir, straight, "--num_steps", "4", *extra))
     train.main(tiny_args(model_dir, again, "--num_steps", "4", *extra))
@@ -1608,6 +1608,8 @@ def test_dynamic_sampling_resumes_exactly_and_is_reproducible(answers_world, tmp
         assert [x[k] for k in keys] == pytest.approx([y[k] for k in keys], abs=1e-6)
         assert [x[k] for k in keys] == [z[k] for k in keys]
     assert read_jsonl(straight / "samples.jsonl") == read_jsonl(resumed / "samples.jsonl")
+    assert read_jsonl(straight / "rollouts.jsonl") == read_jsonl(resumed / "rollouts.jsonl")    # --log_rollouts
+    assert len(read_jsonl(straight / "rollouts.jsonl")) == 4 * 4
     from transformers import AutoModelForCausalLM
     wa = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
     wb = AutoModelForCausalLM.from_pretrained(resumed / "final").state_dict()
@@ -2130,6 +2132,96 @@ def test_compare_sampling_cost_by_hand(tmp_path):
     assert summary["grpo --dynamic_sampling"]["completions_generated_mean"] == 40
     assert summary["grpo --dynamic_sampling"]["completions_per_kept_group_mean"] == pytest.approx(40 / 3)
     assert "| `grpo --dynamic_sampling` | 40 | 13.33 |" in compare.markdown(summary)
+
+
+def write_rollouts(folder, steps):
+    """A rollouts.jsonl as train.py --log_rollouts writes it: steps = [[(group, reward, ℓ_mean, ℓ_sum), ...], ...]."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"step": step, "group": g, "reward": r, "accuracy": r, "length": 4, "truncated": False,
+             "seq_logp_mean": mean, "seq_logp_sum": total, "advantage": 0.0}
+            for step, completions in enumerate(steps, start=1) for g, r, mean, total in completions]
+    (folder / "rollouts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_compare_weight_grid_by_hand(tmp_path, capsys):
+    """compare.py --weights: w = 2σ(−s(ℓ_i − ℓ_j)/τ) on logged rollouts, by hand, for ℓ mean and sum, τ in nats and
+    in spreads, early and late; a step without a reward gap counts for the ℓ spread only."""
+    import compare
+    w = lambda x: 2 / (1 + math.exp(-x))                                  # the weight of a pair with s·Δℓ = −x
+    # step 1: one pair, the better completion the less likely (misordered); step 2: equal rewards (no pair);
+    # step 3: two groups, both ordered right
+    write_rollouts(tmp_path / "run", [
+        [(0, 1.0, -2.0, -6.0), (0, 0.0, -1.0, -1.0)],
+        [(0, 1.0, -1.0, -2.0), (0, 1.0, -3.0, -3.0)],
+        [(0, 1.0, -1.0, -1.0), (0, 0.0, -1.5, -4.0), (1, 0.0, -2.0, -2.0), (1, 1.0, -1.0, -3.0)]])
+    grid = compare.weight_grid([tmp_path / "run"], taus=(1.0,), phases=1)
+    cell = {(row["seq_logp"], row["relative"]): row for row in grid}
+    assert len(grid) == 4 and all(row["steps"] == 3 for row in grid)
+    mean = cell[("mean", False)]
+    # the weighed steps 1 and 3: step 1's pair w(1); step 3's pairs w(−0.5) and w(−1), mean and population std
+    step3 = [w(-0.5), w(-1.0)]
+    assert mean["lampo/weight_mean"] == pytest.approx((w(1.0) + statistics.fmean(step3)) / 2)
+    assert mean["lampo/weight_std"] == pytest.approx((0.0 + statistics.pstdev(step3)) / 2)
+    assert mean["lampo/misordered_pairs"] == pytest.approx((1.0 + 0.0) / 2)
+    # ℓ spread: every step; unbiased std per group, averaged over groups; √0.5 = std of two values 1 apart
+    spreads = [math.sqrt(0.5), math.sqrt(2.0), (math.sqrt(0.125) + math.sqrt(0.5)) / 2]
+    assert mean["lampo/seq_logp_std"] == pytest.approx(statistics.fmean(spreads))
+    assert mean["tau_eff"] == 1.0
+    relative = cell[("mean", True)]
+    assert relative["tau_eff"] == pytest.approx(statistics.fmean(spreads))          # τ = 1 × each step's spread
+    assert relative["lampo/weight_mean"] == pytest.approx(
+        (w(1.0 / spreads[0]) + (w(-0.5 / spreads[2]) + w(-1.0 / spreads[2])) / 2) / 2)
+    summed = cell[("sum", False)]           # summed, step 3's second pair is misordered: its better one has −3 < −2
+    assert summed["lampo/weight_mean"] == pytest.approx((w(5.0) + (w(-3.0) + w(1.0)) / 2) / 2)
+    assert summed["lampo/misordered_pairs"] == pytest.approx((1.0 + 0.5) / 2)
+    # one pair: LamPO's advantages are RLOO's times w, perfectly correlated
+    write_rollouts(tmp_path / "pair", [[(0, 1.0, -2.0, -6.0), (0, 0.0, -1.0, -1.0)]])
+    assert compare.weight_grid([tmp_path / "pair"], taus=(1.0,), phases=1)[0]["lampo/corr_rloo"] == pytest.approx(1.0)
+    # phases: 3 steps in 3 parts are the steps themselves; step 2 has no reward gap
+    by_phase = [row for row in compare.weight_grid([tmp_path / "run"], taus=(1.0,), phases=3)
+                if row["seq_logp"] == "mean" and not row["relative"]]
+    assert [row["phase"] for row in by_phase] == [1, 2, 3]
+    assert by_phase[0]["lampo/weight_mean"] == pytest.approx(w(1.0)) and by_phase[1]["lampo/weight_mean"] is None
+    assert by_phase[1]["lampo/seq_logp_std"] == pytest.approx(spreads[1])
+    # the command line: tables written and printed; a run without rollouts.jsonl is one line
+    compare.main(["--weights", str(tmp_path / "run"), "--weight_taus", "1", "--phases", "3", "--out_dir", str(tmp_path / "out")])
+    table = (tmp_path / "out" / "weights.md").read_text()
+    assert f"| mean | 1 | 1.000 → 1.000 → 1.000 | {spreads[0]:.3f} → {spreads[1]:.3f} → {spreads[2]:.3f} |" in table
+    assert "| sum | 1 × spread |" in table and table in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "weights.json").read_text())["grid"] == [
+        json.loads(json.dumps(row)) for row in compare.weight_grid([tmp_path / "run"], taus=(1.0,), phases=3)]
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--weights", str(tmp_path / "nothing"), "--out_dir", str(tmp_path / "out2")])
+    assert exit_info.value.code == 2 and "--log_rollouts" in capsys.readouterr().err
+
+
+def test_train_log_rollouts_recomputes_the_logged_diagnostics(tiny_model_dir, tmp_path):
+    """--log_rollouts: every completion of every step, and from those rows compare.weight_grid gives back the
+    lampo/* diagnostics train.py logged at the run's τ (ℓ mean, τ = 1 nat), step by step."""
+    import compare
+    import train
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_model_dir, out, "--log_rollouts", "--num_steps", "3", "--eval_benchmark", "none",
+                         "--max_new_tokens", "8"))
+    rows = read_jsonl(out / "rollouts.jsonl")
+    steps = [m for m in read_jsonl(out / "metrics.jsonl") if "reward" in m]
+    assert len(rows) == 3 * 2 * 3                                          # steps × prompts_per_step × G
+    for step in steps:
+        mine = [row for row in rows if row["step"] == step["step"]]
+        assert [row["group"] for row in mine] == [0, 0, 0, 1, 1, 1]
+        assert statistics.fmean(row["reward"] for row in mine) == pytest.approx(step["reward"], abs=1e-6)
+        assert statistics.fmean(row["length"] for row in mine) == pytest.approx(step["completions/mean_length"])
+        for row in mine:
+            assert row["seq_logp_sum"] == pytest.approx(row["seq_logp_mean"] * max(row["length"], 1), rel=1e-5)
+            assert row["seq_logp_mean"] < 0
+        for group in (0, 1):                                                # pairwise advantages sum to 0 in a group
+            assert sum(row["advantage"] for row in mine if row["group"] == group) == pytest.approx(0.0, abs=1e-5)
+    grid = [row for row in compare.weight_grid([out], taus=(1.0,), phases=3)
+            if row["seq_logp"] == "mean" and not row["relative"]]
+    for row, step in zip(grid, steps):
+        for name in ("lampo/seq_logp_std", "lampo/weight_std", "lampo/misordered_pairs", "lampo/corr_rloo"):
+            expected = step[name] if step["lampo/weight_mean"] > 0 or name == "lampo/seq_logp_std" else None
+            assert row[name] == (None if expected is None else pytest.approx(expected, abs=1e-5)), name
 
 
 # ===================================================================================================

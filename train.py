@@ -148,6 +148,10 @@ class Config:
     save_every: int = option(None, "checkpoint every N steps (preset: 20 toy, 50 LLM)")
     keep_checkpoints: int = option(2, "how many recent checkpoint-* folders to keep")
     log_samples: int = option(4, "completions per step written to samples.jsonl")
+    log_rollouts: bool = option(False, "also write every completion's step, group, reward, accuracy, length, "
+                                       "truncation and ℓ (the mean and the sum of its log-probs under π_old) to "
+                                       "rollouts.jsonl: the confidence weights' diagnostics at any τ can then be "
+                                       "recomputed from the run (compare.py --weights)")
     report_to: str = option("none", "also log metrics.jsonl's rows to a tracker: none | wandb (WANDB_PROJECT, "
                                     "default lambdapo; WANDB_MODE=offline works without a network) | tensorboard "
                                     "(out_dir/tensorboard); each needs its package installed")
@@ -360,9 +364,12 @@ def restore_trainer_state(checkpoint: Path, optimizer, scheduler, generator) -> 
     return state["step"], state.get("prompt_position")
 
 
+LOGS = ("metrics.jsonl", "samples.jsonl", "rollouts.jsonl")    # rows with a "step", appended as the run goes
+
+
 def forget_logs_after(out_dir: Path, step: int) -> None:
     """On resume, drop what the old run logged after its checkpoint (and the evaluation that closed it)."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
+    for name in LOGS:
         path = out_dir / name
         if path.exists():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -787,7 +794,7 @@ def setup(config: Config, log=tqdm.write) -> Setup:
         log(f"Resuming from {checkpoint} at step {start_step}")
     else:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-        for name in ("metrics.jsonl", "samples.jsonl"):
+        for name in LOGS:
             (out_dir / name).unlink(missing_ok=True)
         save_model(out_dir / "initial", policy, tokenizer)
 
@@ -921,6 +928,18 @@ def log_step(s: Setup, config: Config, metrics: dict, timings: dict, rollout, ba
         for row in range(0, min(config.log_samples * G, len(rollout.completions)), G)])
     progress.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                          clip=f"{metrics['clip_fraction']:.3f}", len=f"{metrics['completions/mean_length']:.0f}")
+
+
+def rollout_rows(step: int, G: int, rollout, scored, advantages, old_logps, completion_mask) -> list[dict]:
+    """--log_rollouts: one row per completion, enough to recompute the step's weight diagnostics at any τ and
+    either ℓ (compare.py --weights). ℓ is under π_old at the sampling temperature, as the advantage used it."""
+    ell_mean = lambdapo.sequence_scores(old_logps, completion_mask, "mean")    # (B,)
+    ell_sum = lambdapo.sequence_scores(old_logps, completion_mask, "sum")      # (B,)
+    return [{"step": step, "group": row // G, "reward": scored[row]["reward"], "accuracy": scored[row]["accuracy"],
+             "length": int(rollout.completion_lengths[row]), "truncated": bool(rollout.truncated[row]),
+             "seq_logp_mean": ell_mean[row].item(), "seq_logp_sum": ell_sum[row].item(),
+             "advantage": advantages[row].item()}
+            for row in range(len(rollout.completions))]
 
 
 def finish(s: Setup, config: Config, step: int, last_saved: int, initial_eval: dict, log=tqdm.write) -> dict:
@@ -1069,6 +1088,9 @@ def train(config: Config) -> dict:
                 if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
                     metrics.update(held_out_eval(s, config, step))
                 log_step(s, config, metrics, timings, rollout, batch, scored, advantages, progress)
+                if config.log_rollouts:
+                    write_jsonl(s.out_dir / "rollouts.jsonl",
+                                rollout_rows(step, G, rollout, scored, advantages, old_logps, completion_mask))
                 if config.save_every and step % config.save_every == 0:
                     save_checkpoint(s.out_dir, step, policy, s.tokenizer, optimizer, s.scheduler, s.generator,
                                     config.keep_checkpoints, s.prompt_position)
