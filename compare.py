@@ -105,12 +105,16 @@ def execute(run: str, seed: int, out_dir: Path, common: list[str]) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Aggregation
 # ---------------------------------------------------------------------------------------------------
-def metrics_rows(folder: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl ([] if it has none yet)."""
-    path = folder / "metrics.jsonl"
+def jsonl_rows(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file ([] if it does not exist yet)."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def metrics_rows(folder: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl ([] if it has none yet)."""
+    return jsonl_rows(folder / "metrics.jsonl")
 
 
 def eval_curve(folder: Path) -> dict[int, float]:
@@ -144,10 +148,8 @@ def rollout_steps(folder: Path) -> list[list[dict]]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: train the run with --log_rollouts")
     steps: dict[int, list[dict]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            steps.setdefault(int(row["step"]), []).append(row)
+    for row in jsonl_rows(path):
+        steps.setdefault(int(row["step"]), []).append(row)
     return [steps[step] for step in sorted(steps)]
 
 
